@@ -1,0 +1,245 @@
+"""The SimpleStories model: a small Llama-style GPT in one file, importing nothing from this repo.
+
+RoPE (real cos/sin, rotate-half layout as in Llama), RMSNorm, SwiGLU MLP, grouped-query attention
+through F.scaled_dot_product_attention, no biases, input and output embedding tied.
+Field names follow TransformerLens (n_layers, d_model, n_heads, ...), module names follow Llama
+(q_proj, gate_proj, ...), so the weights map one to one onto transformers' LlamaForCausalLM.
+
+    from model import GPT, GPTConfig
+    model = GPT(GPTConfig(n_layers=6, d_model=256, n_heads=4))
+    logits, loss = model(idx, targets)
+    out = model.generate(idx, max_new_tokens=256, temperature=0.8, top_k=50, eos_id=2)
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    n_layers: int = 6
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    d_mlp: int = 0  # 0: int(8 * d_model / 3), the SwiGLU width that keeps the MLP at ~8 d_model^2
+    n_ctx: int = 512
+    d_vocab: int = 4096
+    rope_base: float = 10000.0
+    norm_eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.d_mlp == 0:
+            self.d_mlp = int(8 * self.d_model / 3)
+        for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx", "d_vocab"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} does not divide d_model={self.d_model}; pick n_heads so that d_model / n_heads is a whole number")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}; grouped-query attention needs n_heads to be a multiple of n_kv_heads")
+        if self.head_dim % 2:
+            raise ValueError(f"head size d_model / n_heads = {self.head_dim} is odd; RoPE rotates pairs of dimensions, so it must be even")
+
+    @property
+    def head_dim(self):
+        return self.d_model // self.n_heads
+
+
+def rope_cos_sin(n_ctx, head_dim, base):
+    """cos and sin tables of shape (n_ctx, head_dim): angle(t, i) = t * base^(-2i / head_dim), i < head_dim / 2, repeated for both halves."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(n_ctx, dtype=torch.float32), inv_freq)
+    angles = torch.cat((angles, angles), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each (x[i], x[i + head_dim/2]) pair of x (B, H, T, head_dim) by the angle for its position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in float32 (as Llama does) so bf16 activations do not lose the scale
+        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+
+
+class KVCache:
+    """Keys and values of every layer for up to n_ctx positions, filled as generation goes."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (config.n_layers, batch_size, config.n_kv_heads, config.n_ctx, config.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # number of positions already stored
+
+    def update(self, layer, k, v):
+        """Store k, v (B, n_kv_heads, T, head_dim) at the current position; return all keys and values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+
+    def forward(self, x, cos, sin, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, k, v)
+        # each group of n_heads / n_kv_heads query heads shares one key/value head; repeating them
+        # explicitly keeps every SDPA backend (flash included) available
+        n_rep = self.n_heads // self.n_kv_heads
+        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        if T == k.size(2):  # no earlier positions: plain causal attention
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif T == 1:  # one new token attends to everything before it
+            y = F.scaled_dot_product_attention(q, k, v)
+        else:  # several new tokens after a filled cache: causal mask shifted by the cache length
+            offset = k.size(2) - T
+            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=offset)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.d_mlp, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.d_mlp, bias=False)
+        self.down_proj = nn.Linear(config.d_mlp, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.d_vocab, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.d_vocab, bias=False)
+        self.lm_head.weight = self.embed.weight  # tied: one matrix, counted once
+        cos, sin = rope_cos_sin(config.n_ctx, config.head_dim, config.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # residual projections scaled by 1/sqrt(2 n_layers) so the residual stream's variance does
+        # not grow with depth (GPT-2 paper, section 2.3)
+        for name, p in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
+
+    def forward(self, idx, targets=None, cache=None):
+        """idx (B, T) token ids -> logits (B, T, d_vocab) and, with targets (B, T; -1 ignored), the mean cross-entropy."""
+        B, T = idx.shape
+        pos = cache.pos if cache is not None else 0
+        if pos + T > self.config.n_ctx:
+            raise ValueError(f"sequence of {pos + T} tokens is longer than the context n_ctx={self.config.n_ctx}")
+        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache)
+        if cache is not None:
+            cache.pos += T
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def flops_per_token(self):
+        """Training FLOPs per token: 6 per parameter plus attention's 12 * n_layers * d_model * n_ctx (PaLM paper, appendix B)."""
+        c = self.config
+        return 6 * self.num_params() + 12 * c.n_layers * c.d_model * c.n_ctx
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None,
+                 generator=None, use_cache=True):
+        """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + n).
+
+        temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. A row that has
+        produced eos_id is finished: it is padded with eos_id until every row is done or the
+        context (n_ctx) is full. use_cache=False recomputes the whole sequence at each step (the
+        reference the KV cache is tested against).
+        """
+        max_new_tokens = min(max_new_tokens, self.config.n_ctx - idx.size(1))
+        cache = KVCache(self.config, idx.size(0), idx.device, self.embed.weight.dtype) if use_cache else None
+        finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        out = idx
+        next_input = idx
+        for _ in range(max_new_tokens):
+            logits, _ = self(next_input if use_cache else out, cache=cache)
+            next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
+                finished |= next_token == eos_id
+            out = torch.cat((out, next_token[:, None]), dim=1)
+            next_input = next_token[:, None]
+            if eos_id is not None and finished.all():
+                break
+        return out
+
+
+def sample_next(logits, temperature, top_k, top_p, generator=None):
+    """One token id per row of logits (B, V)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

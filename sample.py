@@ -1,0 +1,73 @@
+"""Print stories sampled from a trained model.
+
+    python sample.py --out_dir=out/quickstart
+    python sample.py --out_dir=out/5m --num_samples=5 --temperature=0.8 --top_k=50 --prompt="Once there was a fox"
+    python sample.py --out_dir=out/5m --prompt_file=prompts.txt   # one prompt per line
+
+Each story starts at BOS (followed by the prompt, if any) and ends at EOS, the end of the context,
+or after --max_new_tokens; generation uses the model's KV cache.
+"""
+
+import argparse
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+
+def load_model(out_dir, device):
+    """The model in out_dir/ckpt.pt and its tokenizer."""
+    path = os.path.join(out_dir, "ckpt.pt")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} does not exist; train a model with train.py first")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        model = GPT(GPTConfig(**checkpoint["model_config"]))
+        model.load_state_dict(checkpoint["model"])
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not from train.py") from None
+    return model.to(device).eval(), Tokenizer(checkpoint["tokenizer"])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="out/quickstart", help="training run folder holding ckpt.pt")
+    parser.add_argument("--num_samples", type=int, default=3, help="stories per prompt")
+    parser.add_argument("--max_new_tokens", type=int, default=400)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top_k", type=int, default=50, help="0: off")
+    parser.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
+    parser.add_argument("--prompt", default="", help="start of every story")
+    parser.add_argument("--prompt_file", default="", help="a file with one prompt per line (instead of --prompt)")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'mps'")
+    args = parser.parse_args()
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, tok = load_model(args.out_dir, device)
+    prompts = [args.prompt]
+    if args.prompt_file:
+        with open(args.prompt_file) as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    for prompt in prompts:
+        idx = torch.tensor([tok.encode(prompt, bos=True)] * args.num_samples, device=device)
+        with autocast:
+            out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id, generator)
+        for row in out.tolist():
+            new = row[idx.size(1):]
+            new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
+            print(prompt + tok.decode(new))
+            print("-" * 40)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,159 @@
+"""model.py against its contracts: exact suite sizes, causality, RoPE's formula, the KV cache, Llama."""
+
+import math
+import os
+import runpy
+
+import pytest
+import torch
+
+from conftest import REPO
+from model import GPT, GPTConfig, apply_rope, rope_cos_sin
+
+MODEL_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx", "d_vocab", "rope_base", "norm_eps")
+SUITE = {"1.25m": 1_245_824, "5m": 5_374_208, "11m": 11_015_040, "30m": 29_627_904, "35m": 35_133_952}
+
+
+def small_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return GPT(GPTConfig(**{"n_layers": 2, "d_model": 64, "n_heads": 4, "n_ctx": 64, "d_vocab": 97, **overrides})).eval()
+
+
+@pytest.mark.parametrize("name", SUITE)
+def test_suite_parameter_counts(name):
+    settings = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))
+    model = GPT(GPTConfig(**{k: settings[k] for k in MODEL_KEYS if k in settings}))
+    assert model.num_params() == SUITE[name]
+    assert model.lm_head.weight is model.embed.weight
+    assert model.config.n_ctx == 512 and model.config.d_vocab == 4096 and model.config.n_kv_heads == 2
+
+
+def test_causality():
+    model = small_model()
+    idx = torch.randint(0, 97, (2, 40))
+    changed = idx.clone()
+    changed[:, 25] = (changed[:, 25] + 1) % 97
+    a, b = model(idx)[0], model(changed)[0]
+    torch.testing.assert_close(a[:, :25], b[:, :25], rtol=0, atol=0)
+    assert not torch.allclose(a[:, 25:], b[:, 25:])
+
+
+def test_rope_matches_formula():
+    head_dim, base, n = 8, 10000.0, 20
+    cos, sin = rope_cos_sin(n, head_dim, base)
+    x = torch.randn(1, 1, n, head_dim, dtype=torch.float64)
+    y = apply_rope(x, cos.double(), sin.double())
+    half = head_dim // 2
+    for t in range(n):
+        for i in range(half):
+            angle = t * base ** (-2 * i / head_dim)
+            a, b = x[0, 0, t, i].item(), x[0, 0, t, i + half].item()
+            assert y[0, 0, t, i].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle), abs=1e-6)
+            assert y[0, 0, t, i + half].item() == pytest.approx(b * math.cos(angle) + a * math.sin(angle), abs=1e-6)
+
+
+def test_rope_scores_depend_only_on_distance():
+    cos, sin = rope_cos_sin(64, 16, 10000.0)
+    q, k = torch.randn(16), torch.randn(16)
+
+    def score(m, n):
+        qm = apply_rope(q.expand(1, 1, 64, 16), cos, sin)[0, 0, m]
+        kn = apply_rope(k.expand(1, 1, 64, 16), cos, sin)[0, 0, n]
+        return (qm @ kn).item()
+
+    assert score(10, 3) == pytest.approx(score(40, 33), rel=1e-4)
+
+
+def test_kv_cache_logits_match_full_forward():
+    from model import KVCache
+
+    model = small_model()
+    idx = torch.randint(0, 97, (3, 30))
+    full = model(idx)[0]
+    cache = KVCache(model.config, 3, "cpu", torch.float32)
+    parts = [model(idx[:, :12], cache=cache)[0], model(idx[:, 12:20], cache=cache)[0]]
+    parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(20, 30)]
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+
+
+def test_kv_cache_generation_equals_recompute():
+    model = small_model(seed=1)
+    idx = torch.randint(0, 97, (2, 5))
+    cached = model.generate(idx, 50, temperature=0)
+    naive = model.generate(idx, 50, temperature=0, use_cache=False)
+    assert cached.shape == (2, 55)
+    assert torch.equal(cached, naive)
+
+
+def test_sampling_with_cache_equals_recompute_for_the_same_seed():
+    model = small_model(seed=2)
+    idx = torch.zeros(4, 1, dtype=torch.long)
+    a = model.generate(idx, 30, temperature=0.9, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(5))
+    b = model.generate(idx, 30, temperature=0.9, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(5), use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_generation_stops_at_eos_and_pads():
+    model = small_model(seed=3)
+    idx = torch.tensor([[5], [7]])
+
+    def sample(eos_id=None):
+        return model.generate(idx, 20, temperature=1.0, eos_id=eos_id, generator=torch.Generator().manual_seed(0))
+
+    free = sample()
+    row0 = free[0].tolist()
+    # declare end of story the first generated token of row 0 that had not appeared before
+    j = next(j for j in range(2, 21) if row0[j] not in row0[:j])
+    eos = row0[j]
+    out = sample(eos)
+    assert out[0, :j + 1].tolist() == row0[:j + 1] and set(out[0, j + 1:].tolist()) <= {eos}
+    row1 = free[1].tolist()
+    end = row1.index(eos) if eos in row1[1:] else len(row1) - 1
+    assert out[1, :end + 1].tolist() == row1[:end + 1]  # the other row is untouched until its own end
+
+
+def test_top_k_and_top_p_filter():
+    from model import sample_next
+
+    logits = torch.tensor([[5.0, 4.0, 3.0, -2.0, -3.0]]).repeat(500, 1)
+    picks = sample_next(logits, 1.0, 2, 1.0, torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {0, 1}
+    picks = sample_next(logits, 1.0, 0, 0.5, torch.Generator().manual_seed(0))
+    assert set(picks.tolist()) == {0}  # token 0 alone holds ~0.66 of the mass
+    assert sample_next(logits[:1], 0, 0, 1.0).item() == 0
+
+
+def test_context_limit():
+    model = small_model()
+    with pytest.raises(ValueError, match="n_ctx"):
+        model(torch.zeros(1, 65, dtype=torch.long))
+    assert model.generate(torch.zeros(1, 60, dtype=torch.long), 100, temperature=0).size(1) == 64
+
+
+@pytest.mark.parametrize("overrides, message", [({"n_heads": 5}, "does not divide d_model"),
+                                                 ({"n_heads": 4, "n_kv_heads": 3}, "does not divide n_heads"),
+                                                 ({"d_model": 36, "n_heads": 4}, "odd")])
+def test_bad_shapes_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**{"d_model": 64, **overrides})
+
+
+def test_matches_transformers_llama():
+    transformers = pytest.importorskip("transformers")
+    model = small_model(seed=4, d_vocab=300)
+    c = model.config
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.n_ctx,
+        rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True)).eval()
+    names = {"embed.": "model.embed_tokens.", "blocks.": "model.layers.", ".attn_norm.": ".input_layernorm.",
+             ".attn.": ".self_attn.", ".mlp_norm.": ".post_attention_layernorm."}
+    state = {}
+    for key, value in model.state_dict().items():
+        for ours, theirs in names.items():
+            key = key.replace(ours, theirs)
+        state["model.norm.weight" if key == "norm.weight" else key] = value
+    llama.load_state_dict(state, strict=False)
+    idx = torch.randint(0, 300, (2, 50))
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], llama(idx).logits, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,87 @@
+"""prepare.py: the bins decode to exactly their split's stories, the split is stable, failures leave nothing."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import prepare
+from conftest import SAMPLE, one_error_line, run
+from tokenizer import Tokenizer, read_stories
+
+
+def decoded_stories(out_dir, split, tok):
+    """Stories of one split, cut from the bin by its index, each checked to be framed BOS ... EOS."""
+    tokens = np.fromfile(os.path.join(out_dir, f"{split}.bin"), dtype="<u2")
+    starts = np.fromfile(os.path.join(out_dir, f"{split}.idx"), dtype="<u8").tolist() + [len(tokens)]
+    stories = []
+    for a, b in zip(starts, starts[1:]):
+        ids = tokens[a:b].tolist()
+        assert ids[0] == tok.bos_id and ids[-1] == tok.eos_id
+        assert tok.bos_id not in ids[1:-1] and tok.eos_id not in ids[1:-1]
+        stories.append(tok.decode(ids[1:-1]))
+    return stories
+
+
+@pytest.mark.parametrize("chunk_stories", [4096, 7])  # one write, and many
+def test_bins_decode_to_their_split(workdir, tmp_path, chunk_stories):
+    tok = Tokenizer(str(workdir / "tokenizers" / "sample.model"))
+    meta = prepare.prepare(SAMPLE, tok.model_file, str(tmp_path), val_fraction=0.1, chunk_stories=chunk_stories)
+    expected = {"train": [], "val": []}
+    for sid, text in read_stories(SAMPLE):
+        expected[prepare.split_of(sid, 0.1)].append(text)
+    for split in ("train", "val"):
+        assert decoded_stories(tmp_path, split, tok) == expected[split]
+        assert meta[split]["stories"] == len(expected[split])
+        assert meta[split]["tokens"] * 2 == os.path.getsize(tmp_path / f"{split}.bin")
+    assert 15 < meta["val"]["stories"] < 60
+    assert meta["vocab_size"] == 4096 and meta["tokenizer_sha256"] == tok.sha256()
+    assert json.load(open(tmp_path / "meta.json")) == meta
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_split_is_stable_as_the_corpus_grows(tmp_path):
+    ids = [f"story-{i}" for i in range(2000)]
+    before = {i: prepare.split_of(i, 0.05) for i in ids[:1000]}
+    assert all(prepare.split_of(i, 0.05) == s for i, s in before.items())
+    assert 0.03 < sum(prepare.split_of(i, 0.05) == "val" for i in ids) / 2000 < 0.07
+
+
+def test_large_vocab_is_refused(workdir, tmp_path, monkeypatch):
+    class Huge(Tokenizer):
+        def __init__(self, model_file):
+            super().__init__(model_file)
+            self.vocab_size = 65536
+
+    monkeypatch.setattr(prepare, "Tokenizer", Huge)
+    with pytest.raises(ValueError, match="uint16"):
+        prepare.prepare(SAMPLE, str(workdir / "tokenizers" / "sample.model"), str(tmp_path))
+    assert os.listdir(tmp_path) == []
+
+
+def good_lines():
+    return open(SAMPLE, "rb").read().splitlines(keepends=True)[:40]
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    (b"{not json\n", "line 41: not valid JSON"),
+    (b'{"id": "x", "text": "no story key"}\n', "line 41: record has no text field 'story'"),
+    (b'{"story": "caf\xe9"}\n', "line 41: not UTF-8"),
+])
+def test_bad_input_leaves_the_old_output_intact(workdir, tmp_workdir, bad_line, message):
+    out = tmp_workdir / "data" / "sample"
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    bad = out / "bad.jsonl"
+    bad.write_bytes(b"".join(good_lines()) + bad_line + b"".join(good_lines()))
+    result = run("prepare.py", f"--input={bad}", "--tokenizer=tokenizers/sample.model", f"--out_dir={out}", cwd=tmp_workdir)
+    assert message in one_error_line(result)
+    bad.unlink()
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing new, nothing half-written
+
+
+def test_missing_input_and_tokenizer(tmp_workdir):
+    result = run("prepare.py", "--input=data/nope.jsonl", "--tokenizer=tokenizers/sample.model", cwd=tmp_workdir)
+    assert "does not exist" in one_error_line(result)
+    result = run("prepare.py", "--input=data/sample/stories.jsonl", "--tokenizer=tokenizers/none.model", cwd=tmp_workdir)
+    assert "tokenizer.py" in one_error_line(result)

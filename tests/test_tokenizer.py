@@ -1,0 +1,89 @@
+"""tokenizer.py: lossless on the sample and on awkward text, cheap paragraph breaks, clear refusals."""
+
+import json
+
+import pytest
+
+from conftest import SAMPLE, one_error_line, run
+from tokenizer import Tokenizer, read_stories, train
+
+AWKWARD = [
+    "\u201cCurly quotes,\u201d she said \u2014 and \u2018single\u2019 ones\u2026",
+    "Caf\u00e9, na\u00efve, \u00c5ngstr\u00f6m, se\u00f1or, \u0141\u00f3d\u017a, \u4e2d\u6587, \u0627\u0644\u0639\u0631\u0628\u064a\u0629",
+    "Emoji \U0001F600\U0001F43B\u200d\u2744\ufe0f and a flag \U0001F1EB\U0001F1F7",
+    "tabs\tin\t\tthe middle\t",
+    "runs of     spaces   and  ",
+    "   leading spaces",
+    "Windows line\r\nendings\r\n\r\nand a lone \r",
+    "\n\nstarts with a break\n\n\n\nand two more\n",
+    "sentencepiece's own space symbol \u2581 and \u2581\u2581 twice",
+    "control \x00 \x1b[0m and byte-looking text <0x41> <s> </s> <unk>",
+    "",
+    " ",
+    "DIGITS 1234567890 and 3.14159",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(workdir):
+    return Tokenizer(str(workdir / "tokenizers" / "sample.model"))
+
+
+def test_default_vocab_and_special_ids(tok):
+    assert tok.vocab_size == 4096
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    assert tok.encode("Hi", bos=True, eos=True)[0] == tok.bos_id and tok.encode("Hi", eos=True)[-1] == tok.eos_id
+
+
+def test_round_trip_on_every_sample_story(tok):
+    stories = [text for _, text in read_stories(SAMPLE)]
+    assert len(stories) >= 300
+    for text, ids in zip(stories, tok.encode_many(stories)):
+        assert tok.decode(ids) == text
+        assert ids == tok.encode(text)
+
+
+@pytest.mark.parametrize("text", AWKWARD)
+def test_round_trip_on_awkward_text(tok, text):
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    assert tok.sp.unk_id() not in ids
+    assert tok.encode_many([text, text]) == [ids, ids]
+
+
+def test_paragraph_break_costs_at_most_two_tokens(tok):
+    a, b = "The cat slept.", "Then it woke up."
+    assert len(tok.encode(a + "\n\n" + b)) - len(tok.encode(a)) - len(tok.encode(b)) <= 2
+
+
+def test_token_bytes_add_up_to_the_text(tok):
+    sizes = tok.token_bytes()
+    for text in AWKWARD + [text for _, text in list(read_stories(SAMPLE))[:20]]:
+        assert sum(sizes[i] for i in tok.encode(text, bos=True, eos=True)) == len(text.encode("utf-8"))
+
+
+def test_compresses_the_sample(tok):
+    text = "\n\n".join(t for _, t in list(read_stories(SAMPLE))[:50])
+    assert len(text) / len(tok.encode(text)) > 3.0  # bytes per token: whole words, not characters
+
+
+def test_too_small_corpus_names_the_largest_vocab(tmp_path):
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text(json.dumps({"story": "A cat sat on a mat. The cat was happy."}) + "\n")
+    with pytest.raises(ValueError, match=r"largest vocab it supports is \d+"):
+        train(str(corpus), str(tmp_path / "t.model"), vocab_size=4096)
+    assert not (tmp_path / "t.model").exists()
+    result = run("tokenizer.py", f"--input={corpus}", "--vocab_size=4096", cwd=tmp_path)
+    assert "--vocab_size=" in one_error_line(result)
+
+
+def test_reads_parquet_and_text(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    stories = ["One day a fox ran.\n\nIt was fast.", "The sun was hot."]
+    pq.write_table(pa.table({"story": stories, "theme": ["a", "b"]}), tmp_path / "shard.parquet")
+    (tmp_path / "stories.txt").write_text("<|endoftext|>\n".join(s + "\n" for s in stories))
+    assert [t for _, t in read_stories(str(tmp_path / "shard.parquet"))] == stories
+    assert [t for _, t in read_stories(str(tmp_path / "stories.txt"))] == stories
+    assert len(list(read_stories(str(tmp_path)))) == 4  # a folder: every file in it

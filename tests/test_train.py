@@ -1,0 +1,150 @@
+"""train.py and sample.py end to end on CPU: learning, exact resume, DDP, compile, and bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, TINY, one_error_line, run
+
+
+def train(cwd, *args):
+    result = run("train.py", *TINY, *args, cwd=cwd)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+def log(cwd, out_dir):
+    return [json.loads(line) for line in open(os.path.join(cwd, out_dir, "log.jsonl"))]
+
+
+def weights(cwd, out_dir):
+    return torch.load(os.path.join(cwd, out_dir, "ckpt.pt"), weights_only=True)["model"]
+
+
+def unigram_entropy(path):
+    counts = np.bincount(np.fromfile(path, dtype="<u2"))
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def test_training_lowers_the_loss(workdir):
+    train(workdir, "--max_iters=60", "--eval_interval=30", "--out_dir=out/learn")
+    records = log(workdir, "out/learn")
+    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert evals[0]["val_loss"] == pytest.approx(math.log(4096), abs=0.3)  # untrained: uniform over the vocab
+    assert evals[-1]["val_loss"] < unigram_entropy(workdir / "data" / "sample" / "train.bin")
+    assert evals[-1]["val_bpb"] < evals[0]["val_bpb"] - 0.5
+    for r in steps:
+        assert {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu", "eta_s"} <= set(r)
+    ckpt = torch.load(workdir / "out" / "learn" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 60 and ckpt["best_val_loss"] == evals[-1]["val_loss"]
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert ckpt["train_config"]["max_iters"] == 60 and ckpt["model_config"]["d_model"] == 64
+
+
+def test_resume_gives_identical_weights(workdir):
+    train(workdir, "--max_iters=20", "--eval_interval=10", "--out_dir=out/straight")
+    train(workdir, "--max_iters=10", "--lr_decay_iters=20", "--eval_interval=10", "--out_dir=out/stopped")
+    train(workdir, "--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--out_dir=out/stopped", "--init_from=resume")
+    a, b = weights(workdir, "out/straight"), weights(workdir, "out/stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight = [r for r in log(workdir, "out/straight") if "loss" in r]
+    resumed = [r for r in log(workdir, "out/stopped") if "loss" in r]
+    assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]  # the same batches, in the same order
+
+
+def test_torchrun_two_processes_match_one(workdir):
+    train(workdir, "--max_iters=10", "--eval_interval=10", "--out_dir=out/single")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(REPO, "train.py"), *TINY, "--max_iters=10", "--eval_interval=10", "--out_dir=out/ddp"],
+                            cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    single, ddp = log(workdir, "out/single"), log(workdir, "out/ddp")
+    assert len(single) == len(ddp)
+    for a, b in zip(single, ddp):
+        for key in ("loss", "val_loss", "val_bpb", "grad_norm"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-4), key
+    a, b = weights(workdir, "out/single"), weights(workdir, "out/ddp")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_gradient_accumulation_matches_one_big_batch(workdir):
+    train(workdir, "--max_iters=5", "--eval_interval=5", "--out_dir=out/big")
+    train(workdir, "--max_iters=5", "--eval_interval=5", "--batch_size=2", "--out_dir=out/accum")
+    a, b = weights(workdir, "out/big"), weights(workdir, "out/accum")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_compile_path_runs(workdir):
+    result = train(workdir, "--compile=True", "--max_iters=4", "--eval_interval=4", "--log_interval=2", "--out_dir=out/compiled")
+    assert "compile=True" in result.stdout
+    assert log(workdir, "out/compiled")[-1]["val_loss"] < 8.5
+
+
+def test_sample_prints_stories(workdir):
+    train(workdir, "--max_iters=40", "--eval_interval=40", "--out_dir=out/sampled", "--sample_tokens=30")
+    result = run("sample.py", "--out_dir=out/sampled", "--num_samples=2", "--max_new_tokens=40", "--prompt=Once", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    stories = [s.strip() for s in result.stdout.split("-" * 40) if s.strip()]
+    assert len(stories) == 2 and all(s.startswith("Once") and len(s) > 10 for s in stories)
+    prompts = workdir / "prompts.txt"
+    prompts.write_text("The dog\nA girl\n")
+    result = run("sample.py", "--out_dir=out/sampled", "--num_samples=1", "--max_new_tokens=10", f"--prompt_file={prompts}", cwd=workdir)
+    assert result.returncode == 0 and result.stdout.count("-" * 40) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nonsense=3"], "unknown setting 'nonsense'"),
+    (["--max_iters=ten"], "max_iters must be a int"),
+    (["--compile=1"], "compile must be a bool"),
+    (["--n_heads=5"], "does not divide d_model"),
+    (["--dataset=missing"], "run prepare.py"),
+    (["--d_vocab=2048"], "vocab_size 4096 but the model has d_vocab=2048"),
+    (["--init_from=resume", "--out_dir=out/never"], "does not exist"),
+    (["--tokens_per_step=1000"], "not a multiple of n_ctx"),
+    (["--max_iters"], "has no value"),
+])
+def test_bad_settings(workdir, args, message):
+    result = run("train.py", *TINY, *args, cwd=workdir)
+    assert message in one_error_line(result)
+    assert not os.path.exists(workdir / "out" / "never")
+
+
+def test_bad_config_files(workdir, tmp_path):
+    config = tmp_path / "bad.py"
+    for text, message in [("import os\n", "only `name = value` lines"), ("n_layers = 2 * 3\n", "must be a literal"),
+                          ("typo_key = 1\n", "unknown setting 'typo_key'"), ("n_layers = \n", "not valid Python")]:
+        config.write_text(text)
+        assert message in one_error_line(run("train.py", str(config), *TINY, cwd=workdir))
+    assert "cannot read config" in one_error_line(run("train.py", str(tmp_path / "none.py"), cwd=workdir))
+
+
+def test_broken_data(tmp_workdir):
+    data = tmp_workdir / "data" / "sample"
+    (data / "val.bin").write_bytes(b"")
+    assert "does not match" in one_error_line(run("train.py", *TINY, "--max_iters=1", cwd=tmp_workdir))
+    (data / "val.bin").unlink()
+    assert "missing" in one_error_line(run("train.py", *TINY, "--max_iters=1", cwd=tmp_workdir))
+    (data / "meta.json").write_text("{")
+    assert "not valid JSON" in one_error_line(run("train.py", *TINY, "--max_iters=1", cwd=tmp_workdir))
+    assert not (tmp_workdir / "out").exists()
+
+
+def test_corrupt_checkpoint(workdir, tmp_path):
+    out = tmp_path / "run"
+    train(workdir, "--max_iters=2", "--eval_interval=2", f"--out_dir={out}")
+    data = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
+    line = one_error_line(run("train.py", *TINY, "--init_from=resume", f"--out_dir={out}", "--max_iters=20", cwd=workdir))
+    assert "corrupt" in line and "init_from=scratch" in line
+    assert "corrupt" in one_error_line(run("sample.py", f"--out_dir={out}", cwd=workdir))
+    assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # left as it was

@@ -1,0 +1,217 @@
+"""Train the SimpleStories tokenizer, and the Tokenizer class every other script uses.
+
+A sentencepiece BPE model (4096 pieces by default) trained on the stories themselves, set up to be
+lossless: no normalization, whitespace kept as it is, byte fallback for any character outside the
+vocab, and a paragraph break ("\\n\\n") as a single piece. So decode(encode(s)) == s for any string.
+
+    python tokenizer.py --input=data/sample/stories.jsonl              # -> tokenizers/sample.model
+    python tokenizer.py --input='data/simplestories/*.parquet' --vocab_size=4096 --name=simplestories
+
+Input is our stories.jsonl, the published SimpleStories parquet shards (column `story`), or plain
+text with stories separated by a line `<|endoftext|>` (the TinyStories text format); see read_stories.
+"""
+
+import argparse
+import glob
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+
+import sentencepiece as spm
+
+PARAGRAPH_BREAK = "\n\n"
+TEXT_SEPARATOR = "<|endoftext|>"
+SP_SPACE = "\u2581"  # sentencepiece's whitespace symbol; a literal one in the text is encoded as bytes
+
+
+def input_files(spec):
+    """Files named by spec: a file, a folder (its .jsonl, .parquet and .txt files) or a glob pattern."""
+    if os.path.isdir(spec):
+        files = sorted(f for ext in ("jsonl", "parquet", "txt") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
+    elif any(c in spec for c in "*?["):
+        files = sorted(glob.glob(spec))
+    else:
+        files = [spec]
+    if not files:
+        raise ValueError(f"no input files match {spec!r}; give a .jsonl, .parquet or .txt file, a folder of them, or a glob pattern")
+    for f in files:
+        if not os.path.isfile(f):
+            raise ValueError(f"input file {f} does not exist; run generate_stories.py or point --input at your stories")
+        if not f.endswith((".jsonl", ".parquet", ".txt")):
+            raise ValueError(f"{f}: unknown input format; use .jsonl (one JSON record per line), .parquet (column 'story') or .txt")
+    return files
+
+
+def story_id(text):
+    """Stable id for a story that comes without one: a hash of its text."""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_stories(spec):
+    """Yield (id, story) for every story in the input files, streaming, in file order.
+
+    Bad input (a line that is not JSON, a record without a text 'story', bytes that are not UTF-8)
+    raises ValueError naming the file and line.
+    """
+    for path in input_files(spec):
+        if path.endswith(".jsonl"):
+            with open(path, "rb") as f:
+                for line_no, raw in enumerate(f, 1):
+                    if not raw.strip():
+                        continue
+                    try:
+                        record = json.loads(raw.decode("utf-8"))
+                    except UnicodeDecodeError:
+                        raise ValueError(f"{path} line {line_no}: not UTF-8 text; re-encode the file as UTF-8") from None
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); fix or delete that line") from None
+                    if not isinstance(record, dict) or not isinstance(record.get("story"), str):
+                        raise ValueError(f"{path} line {line_no}: record has no text field 'story'; each line must be a JSON object with a 'story' string")
+                    yield str(record.get("id") or story_id(record["story"])), record["story"]
+        elif path.endswith(".parquet"):
+            import pyarrow.parquet as pq  # only needed for the published parquet shards
+
+            shard = pq.ParquetFile(path)
+            if "story" not in shard.schema_arrow.names:
+                raise ValueError(f"{path}: no column 'story' (columns: {', '.join(shard.schema_arrow.names)})")
+            columns = ["story"] + (["id"] if "id" in shard.schema_arrow.names else [])
+            for batch in shard.iter_batches(columns=columns, batch_size=8192):
+                stories = batch.column("story").to_pylist()
+                ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(stories)
+                for i, text in zip(ids, stories):
+                    if text is not None:
+                        yield str(i or story_id(text)), text
+        else:
+            with open(path, "rb") as f:
+                lines = []
+                for line_no, raw in enumerate(f, 1):
+                    try:
+                        line = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        raise ValueError(f"{path} line {line_no}: not UTF-8 text; re-encode the file as UTF-8") from None
+                    if line.strip() == TEXT_SEPARATOR:
+                        text = "".join(lines).strip("\n")
+                        if text:
+                            yield story_id(text), text
+                        lines = []
+                    else:
+                        lines.append(line)
+                text = "".join(lines).strip("\n")
+                if text:
+                    yield story_id(text), text
+
+
+class Tokenizer:
+    """A trained sentencepiece model: encode, decode, bos_id, eos_id, vocab_size."""
+
+    def __init__(self, model_file):
+        if not os.path.isfile(model_file):
+            raise ValueError(f"tokenizer {model_file} does not exist; train one with tokenizer.py")
+        self.model_file = model_file
+        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+        self.vocab_size = self.sp.vocab_size()
+        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        # a literal U+2581 would come back as a space, so it is spelled as its three UTF-8 bytes
+        self._sp_space_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SP_SPACE.encode("utf-8")]
+
+    def encode(self, text, bos=False, eos=False):
+        if SP_SPACE in text:
+            parts = text.split(SP_SPACE)
+            ids = self.sp.encode(parts[0])
+            for part in parts[1:]:
+                ids += self._sp_space_bytes + self.sp.encode(part)
+        else:
+            ids = self.sp.encode(text)
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def encode_many(self, texts, bos=False, eos=False, num_threads=-1):
+        """Encode a list of strings on all cores (sentencepiece's own threads, which release the GIL)."""
+        out = self.sp.encode(texts, num_threads=num_threads if num_threads > 0 else os.cpu_count())
+        for i, text in enumerate(texts):
+            if SP_SPACE in text:
+                out[i] = self.encode(text)
+        return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+
+    def token_bytes(self):
+        """Number of UTF-8 bytes each token id stands for (0 for BOS, EOS and unknown): the denominator of bits per byte."""
+        sizes = []
+        for i in range(self.vocab_size):
+            piece = self.sp.id_to_piece(i)
+            if self.sp.is_control(i) or self.sp.is_unknown(i):
+                sizes.append(0)
+            elif self.sp.is_byte(i):
+                sizes.append(1)
+            else:
+                sizes.append(len(piece.replace(SP_SPACE, " ").encode("utf-8")))
+        return sizes
+
+    def sha256(self):
+        with open(self.model_file, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+
+
+def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
+    """Train a BPE model on the paragraphs of the input stories and write it to model_file."""
+
+    def paragraphs():
+        for _, text in read_stories(input_spec):
+            for paragraph in text.split(PARAGRAPH_BREAK):
+                if paragraph.strip():
+                    yield paragraph
+
+    proto = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=paragraphs(), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+            normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
+            byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9999,
+            user_defined_symbols=[PARAGRAPH_BREAK], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+            input_sentence_size=max_paragraphs, shuffle_input_sentence=True, max_sentence_length=1 << 16,
+            num_threads=os.cpu_count(), minloglevel=2)
+    except RuntimeError as e:
+        largest = re.search(r"value <= (\d+)", str(e))
+        if largest:
+            raise ValueError(f"the input is too small for vocab_size={vocab_size}: the largest vocab it supports is "
+                             f"{largest.group(1)}; pass --vocab_size={largest.group(1)} or less, or give more stories") from None
+        raise ValueError(f"sentencepiece could not train on {input_spec}: {e}") from None
+    os.makedirs(os.path.dirname(model_file) or ".", exist_ok=True)
+    tmp = model_file + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(proto.getvalue())
+    os.replace(tmp, model_file)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", default="data/sample/stories.jsonl", help="stories: .jsonl, .parquet or .txt file, folder or glob")
+    parser.add_argument("--vocab_size", type=int, default=4096, help="number of pieces, special and byte pieces included")
+    parser.add_argument("--name", default="", help="writes tokenizers/<name>.model (default: the input's folder name)")
+    parser.add_argument("--max_paragraphs", type=int, default=2_000_000, help="train on a random sample of this many paragraphs at most")
+    args = parser.parse_args()
+    if args.vocab_size >= 65536:
+        sys.exit(f"error: vocab_size={args.vocab_size} does not fit the uint16 token bins; use a vocab below 65536")
+    name = args.name or os.path.basename(os.path.dirname(os.path.abspath(input_files(args.input)[0])))
+    model_file = os.path.join("tokenizers", f"{name}.model")
+    train(args.input, model_file, args.vocab_size, args.max_paragraphs)
+    tok = Tokenizer(model_file)
+    n_stories, n_tokens, n_bytes = 0, 0, 0
+    for _, text in read_stories(args.input):
+        n_stories += 1
+        n_tokens += len(tok.encode(text))
+        n_bytes += len(text.encode("utf-8"))
+        if n_stories == 10_000:
+            break
+    print(f"wrote {model_file}: {tok.vocab_size} pieces, {n_bytes / max(n_tokens, 1):.2f} bytes per token on {n_stories:,} stories")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")

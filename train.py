@@ -1,0 +1,420 @@
+"""Train a SimpleStories model: one script for CPU, one GPU and many GPUs.
+
+    python train.py configs/quickstart.py                      # CPU, minutes
+    python train.py configs/5m.py --max_iters=2000              # one GPU: bf16, TF32, torch.compile, fused AdamW
+    torchrun --standalone --nproc_per_node=8 train.py configs/35m.py   # DDP
+    python train.py configs/5m.py --init_from=resume            # go on from out_dir/ckpt.pt
+
+Settings are the globals below. A config file (plain `name = value` lines) overrides them, then
+`--key=value` flags override that; an unknown key or a value of the wrong type is an error. The
+global batch (tokens_per_step) is the same whatever the number of devices: gradient accumulation
+makes up the rest. Batches are drawn from a generator seeded by (seed, step), so a resumed run
+sees exactly the batches it would have seen, and on CPU ends with the same weights.
+
+Writes out_dir/ckpt.pt (atomically, at each evaluation and at the end) and out_dir/log.jsonl.
+"""
+
+import ast
+import json
+import math
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model import GPT, GPTConfig
+from tokenizer import Tokenizer
+
+# ----------------------------------------------------------------------------------------------
+# data and output
+dataset = "sample"  # reads data/<dataset>/{train,val}.bin and meta.json from prepare.py
+out_dir = "out/run"  # ckpt.pt and log.jsonl go here
+init_from = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt
+# model (GPTConfig)
+n_layers = 6
+d_model = 256
+n_heads = 4
+n_kv_heads = 2
+d_mlp = 0  # 0: int(8 * d_model / 3)
+n_ctx = 512
+d_vocab = 4096  # must equal the vocab_size in meta.json
+rope_base = 10000.0
+norm_eps = 1e-6
+# optimization: AdamW, linear warmup then cosine decay
+tokens_per_step = 32768  # global batch in tokens, whatever the number of devices
+batch_size = 16  # sequences per device per micro-step, at most; gradient accumulation makes up tokens_per_step
+max_iters = 20000  # optimizer steps
+learning_rate = 1e-3
+min_lr_ratio = 0.1  # the cosine ends at learning_rate * min_lr_ratio
+warmup_iters = 500
+lr_decay_iters = 0  # length of the cosine; 0: max_iters (set it to stop early now and resume later)
+weight_decay = 0.1  # on matrices only, not on norm weights
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # max global gradient norm; 0: off
+# evaluation and logging
+eval_interval = 500  # steps between evaluations (and checkpoints)
+eval_seqs = 256  # fixed val windows of n_ctx tokens, spread evenly over val.bin
+log_interval = 10  # steps between log lines
+sample_tokens = 200  # a story of up to this many tokens is printed at each evaluation; 0: none
+wandb_log = False
+wandb_project = "simplestories"
+wandb_run_name = ""  # "": out_dir's name
+# system
+device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16'
+compile = True  # torch.compile the model
+peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in PEAK_FLOPS
+seed = 1337
+# ----------------------------------------------------------------------------------------------
+DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
+
+# bf16 dense tensor-core FLOP/s from the vendors' datasheets, matched against the device name in order
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+]
+
+
+def die(message):
+    sys.exit(f"error: {message}")
+
+
+def parse_settings(argv):
+    """Config files and --key=value flags, in order, as (key, value, where) with literal values."""
+    settings = []
+    for arg in argv:
+        if arg.startswith("--"):
+            key, eq, text = arg[2:].partition("=")
+            if not eq:
+                die(f"flag {arg} has no value; write --{key}=VALUE")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare word: --dataset=sample
+            settings.append((key, value, arg))
+            continue
+        try:
+            tree = ast.parse(open(arg).read(), arg)
+        except OSError as e:
+            die(f"cannot read config file {arg}: {e.strerror}")
+        except SyntaxError as e:
+            die(f"{arg} line {e.lineno}: not valid Python ({e.msg})")
+        for node in tree.body:
+            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                continue  # docstring
+            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+                die(f"{arg} line {node.lineno}: a config file holds only `name = value` lines")
+            try:
+                value = ast.literal_eval(node.value)
+            except ValueError:
+                die(f"{arg} line {node.lineno}: the value of {node.targets[0].id} must be a literal (a number, string or bool)")
+            settings.append((node.targets[0].id, value, f"{arg} line {node.lineno}"))
+    return settings
+
+
+if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
+    print(__doc__)
+    print("settings and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+    sys.exit(0)
+for key, value, where in parse_settings(sys.argv[1:]):
+    if key not in DEFAULTS:
+        die(f"unknown setting {key!r} ({where}); `python train.py --help` lists the settings")
+    expected = type(DEFAULTS[key])
+    if expected is float and type(value) is int:
+        value = float(value)
+    if type(value) is not expected:
+        die(f"setting {key} must be a {expected.__name__}, got {value!r} ({where})")
+    globals()[key] = value
+config = {k: globals()[k] for k in DEFAULTS}  # what this run used, saved in the checkpoint
+
+# ----------------------------------------------------------------------------------------------
+# devices and processes
+ddp = "RANK" in os.environ  # set by torchrun
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+else:
+    rank, local_rank, world_size = 0, 0, 1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+if device.startswith("cuda") and ddp:
+    device = f"cuda:{local_rank}"
+device_type = device.split(":")[0]
+if device_type == "cuda":
+    if not torch.cuda.is_available():
+        die("device=cuda but torch sees no GPU; use --device=cpu or install a CUDA build of torch")
+    torch.cuda.set_device(device)
+if ddp:
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    if device_type == "cpu":  # share the cores between the processes on this machine
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+master = rank == 0
+if dtype == "auto":
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+if dtype not in ("float32", "bfloat16"):
+    die(f"dtype={dtype!r}; use 'auto', 'float32' or 'bfloat16'")
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch.bfloat16)
+torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the float32 matmuls left outside autocast
+torch.backends.cudnn.allow_tf32 = True
+torch.manual_seed(seed)
+
+seqs_per_device, remainder = divmod(tokens_per_step, n_ctx * world_size)
+if remainder or seqs_per_device == 0:
+    die(f"tokens_per_step={tokens_per_step} is not a multiple of n_ctx * devices = {n_ctx} * {world_size}; change tokens_per_step")
+batch_size = min(batch_size, seqs_per_device)
+if seqs_per_device % batch_size:
+    die(f"batch_size={batch_size} does not divide the {seqs_per_device} sequences each device gets per step; change batch_size")
+grad_accum = seqs_per_device // batch_size
+
+# ----------------------------------------------------------------------------------------------
+# data
+data_dir = os.path.join("data", dataset)
+meta_path = os.path.join(data_dir, "meta.json")
+if not os.path.isfile(meta_path):
+    die(f"{meta_path} not found; run prepare.py for dataset {dataset!r} first")
+try:
+    meta = json.load(open(meta_path))
+except json.JSONDecodeError:
+    die(f"{meta_path} is not valid JSON; run prepare.py again")
+for split in ("train", "val"):
+    path = os.path.join(data_dir, f"{split}.bin")
+    size = os.path.getsize(path) if os.path.isfile(path) else -1
+    if size != 2 * meta[split]["tokens"]:
+        die(f"{path} is missing or does not match {meta_path} ({size} bytes, expected {2 * meta[split]['tokens']}); run prepare.py again")
+    if meta[split]["tokens"] < n_ctx + 1:
+        die(f"{path} has {meta[split]['tokens']} tokens, fewer than one window of n_ctx + 1 = {n_ctx + 1}; give more stories or a smaller n_ctx")
+
+
+def memmap(split):
+    # a fresh memmap per batch: numpy keeps the pages of a long-lived one resident (nanoGPT issue #11)
+    return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
+
+
+def to_device(windows):
+    """(N, n_ctx + 1) token windows -> inputs and targets on the device."""
+    t = torch.from_numpy(windows.astype(np.int64))
+    x, y = t[:, :-1], t[:, 1:]
+    if device_type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def get_batch(step, micro_step):
+    """This rank's micro-batch: step's global batch comes from (seed, step) alone, whatever the devices."""
+    data = memmap("train")
+    starts = np.random.default_rng([seed, step]).integers(0, len(data) - n_ctx - 1, size=tokens_per_step // n_ctx)
+    first = (micro_step * world_size + rank) * batch_size
+    return to_device(np.stack([data[s:s + n_ctx + 1] for s in starts[first:first + batch_size]]))
+
+
+def val_windows():
+    """This rank's share of the fixed val windows: eval_seqs starts spread evenly over val.bin."""
+    n = meta["val"]["tokens"]
+    starts = np.linspace(0, n - n_ctx - 1, num=min(eval_seqs, max(1, (n - 1) // n_ctx))).astype(np.int64)
+    return starts[rank::world_size]
+
+
+# ----------------------------------------------------------------------------------------------
+# model, optimizer, checkpoint
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+iter_num, best_val_loss, checkpoint = 0, float("inf"), None
+if init_from == "resume":
+    if not os.path.isfile(ckpt_path):
+        die(f"cannot resume: {ckpt_path} does not exist; start with --init_from=scratch")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        model_config = GPTConfig(**checkpoint["model_config"])
+    except Exception as e:
+        die(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is corrupt or not from train.py; delete it or start with --init_from=scratch")
+    iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    if model_config.n_ctx != n_ctx:
+        die(f"{ckpt_path} was trained with n_ctx={model_config.n_ctx}; resume it with --n_ctx={model_config.n_ctx}")
+elif init_from == "scratch":
+    try:
+        model_config = GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_mlp=d_mlp,
+                                 n_ctx=n_ctx, d_vocab=d_vocab, rope_base=rope_base, norm_eps=norm_eps)
+    except ValueError as e:
+        die(str(e))
+else:
+    die(f"init_from={init_from!r}; use 'scratch' or 'resume'")
+if meta["vocab_size"] != model_config.d_vocab:
+    die(f"{meta_path} has vocab_size {meta['vocab_size']} but the model has d_vocab={model_config.d_vocab}; "
+        f"set --d_vocab={meta['vocab_size']} or prepare the data with a {model_config.d_vocab}-piece tokenizer")
+
+raw_model = GPT(model_config).to(device)
+if checkpoint is not None:
+    raw_model.load_state_dict(checkpoint["model"])
+decay = [p for p in raw_model.parameters() if p.dim() >= 2]
+no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng"]["torch"])
+    if device_type == "cuda" and len(checkpoint["rng"]["cuda"]):
+        torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
+checkpoint = None  # free the memory
+model = torch.compile(raw_model) if compile else raw_model
+eval_model = model
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+if not os.path.isfile(meta["tokenizer"]):
+    die(f"tokenizer {meta['tokenizer']} named in {meta_path} not found; run tokenizer.py and prepare.py again")
+tokenizer = Tokenizer(meta["tokenizer"])
+token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=device)
+
+
+def save_checkpoint():
+    state = {
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model_config),
+        "train_config": config, "iter_num": iter_num, "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"],
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else torch.empty(0)},
+        "data": {"dataset": dataset, "seed": seed, "next_step": iter_num},  # batches are a function of (seed, step)
+    }
+    tmp = ckpt_path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, ckpt_path)
+
+
+def get_lr(step):
+    decay_iters = lr_decay_iters or max_iters
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / warmup_iters
+    progress = min(1.0, (step - warmup_iters) / max(1, decay_iters - warmup_iters))
+    return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss (nats per token) and bits per byte over the fixed val windows, summed over all ranks."""
+    eval_model.eval()
+    data, starts = memmap("val"), val_windows()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # nats, tokens, nats on text tokens, their bytes
+    for i in range(0, len(starts), batch_size):
+        x, y = to_device(np.stack([data[s:s + n_ctx + 1] for s in starts[i:i + batch_size]]))
+        with autocast:
+            logits, _ = eval_model(x)
+        nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        sums[0] += nll.sum()
+        sums[1] += nll.numel()
+        nbytes = token_bytes[y.reshape(-1)]
+        sums[2] += (nll * (nbytes > 0)).sum()  # BOS/EOS carry no bytes: left out of bits per byte
+        sums[3] += nbytes.sum()
+    if ddp:
+        dist.all_reduce(sums)
+    eval_model.train()
+    val_loss = (sums[0] / sums[1]).item()
+    val_bpb = (sums[2] / (math.log(2) * sums[3])).item() if sums[3] > 0 else float("nan")
+    return val_loss, val_bpb
+
+
+def sample_story():
+    generator = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([[tokenizer.bos_id]], device=device)
+    with autocast:
+        out = raw_model.generate(idx, sample_tokens, temperature=0.8, top_k=50, eos_id=tokenizer.eos_id, generator=generator)
+    return tokenizer.decode(out[0, 1:].tolist())
+
+
+def device_peak_flops():
+    if peak_flops:
+        return peak_flops
+    if device_type != "cuda":
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# training loop
+log_file = None
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
+    print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile} | "
+          f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}")
+    if wandb_log:
+        import wandb
+
+        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(out_dir.rstrip("/")), config=config)
+
+
+def log(record, line):
+    if master:
+        print(line, flush=True)
+        log_file.write(json.dumps(record) + "\n")
+        log_file.flush()
+        if wandb_log:
+            wandb.log(record, step=record["step"])
+
+
+peak = device_peak_flops() * world_size
+flops_per_step = raw_model.flops_per_token() * tokens_per_step
+start_iter = iter_num
+t_last, ms_per_step, loss_sum = time.time(), 0.0, torch.zeros((), device=device)
+while True:
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        if iter_num > start_iter or init_from == "scratch":  # a resumed run has this evaluation already
+            val_loss, val_bpb = evaluate()
+            best_val_loss = min(best_val_loss, val_loss)
+            log({"step": iter_num, "val_loss": val_loss, "val_bpb": val_bpb},
+                f"step {iter_num}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
+            if master:
+                save_checkpoint()
+                if sample_tokens:
+                    print(f"sample: {sample_story()!r}", flush=True)
+            t_last = time.time()  # evaluation time is not training time
+    if iter_num >= max_iters:
+        break
+
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for micro_step in range(grad_accum):
+        x, y = get_batch(iter_num, micro_step)
+        if ddp:  # all-reduce the gradients on the last micro-step only
+            model.require_backward_grad_sync = micro_step == grad_accum - 1
+        with autocast:
+            _, loss = model(x, y)
+        (loss / grad_accum).backward()
+        loss_sum += loss.detach() / grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+
+    if iter_num % log_interval == 0 or iter_num == max_iters:
+        steps = min(iter_num % log_interval or log_interval, iter_num - start_iter)
+        if ddp:
+            dist.all_reduce(loss_sum)
+            loss_sum /= world_size
+        loss_value = loss_sum.item() / steps  # .item() waits for the device: once per log line only
+        loss_sum.zero_()
+        now = time.time()
+        dt = (now - t_last) / steps
+        t_last = now
+        # ETA from a running average of step time; the first interval (compilation, warm-up) is replaced, not averaged
+        ms_per_step = dt * 1000 if iter_num - start_iter <= log_interval else 0.9 * ms_per_step + 0.1 * dt * 1000
+        tokens_per_s = tokens_per_step / dt
+        mfu = flops_per_step / dt / peak if peak else None
+        eta_s = (max_iters - iter_num) * ms_per_step / 1000
+        log({"step": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms_per_step": dt * 1000,
+             "tokens_per_s": tokens_per_s, "mfu": mfu, "eta_s": eta_s},
+            f"step {iter_num}: loss {loss_value:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {dt * 1000:.0f} ms/step | "
+            f"{tokens_per_s:,.0f} tokens/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta_s / 60:.1f} min")
+
+if master:
+    log_file.close()
+if ddp:
+    dist.destroy_process_group()
