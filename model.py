@@ -72,7 +72,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # normalize in float32 (as Llama does) so bf16 activations do not lose the scale
-        return F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).type_as(x) * self.weight
+        return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
 
 
 class KVCache:
@@ -110,18 +110,21 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)
-        # each group of n_heads / n_kv_heads query heads shares one key/value head; repeating them
-        # explicitly keeps every SDPA backend (flash included) available
-        n_rep = self.n_heads // self.n_kv_heads
-        k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
+        # each group of n_heads / n_kv_heads query heads shares one key/value head. SDPA's enable_gqa
+        # reads them in place, but only its flash kernels (on CPU, and on CUDA in 16-bit) honour it;
+        # for float32 on a GPU the heads are repeated, which keeps the memory-efficient kernel
+        gqa = q.device.type == "cpu" or q.dtype != torch.float32
+        if not gqa:
+            n_rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         if T == k.size(2):  # no earlier positions: plain causal attention
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         elif T == 1:  # one new token attends to everything before it
-            y = F.scaled_dot_product_attention(q, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
         else:  # several new tokens after a filled cache: causal mask shifted by the cache length
             offset = k.size(2) - T
             mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=offset)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -198,7 +201,7 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layers * c.d_model * c.n_ctx
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None,
                  generator=None, use_cache=True):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + n).

@@ -44,6 +44,7 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
     paths = {f"{s}.{ext}": os.path.join(out_dir, f"{s}.{ext}") for s in SPLITS for ext in ("bin", "idx")}
     files = {name: open(path + ".tmp", "wb") for name, path in paths.items()}
     counts = {s: {"stories": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    unigram = np.zeros(tok.vocab_size, dtype=np.int64)  # token frequencies in train, for the unigram baseline
     try:
         bar = tqdm(unit=" stories", desc="tokenizing", dynamic_ncols=True)
         start = time.time()
@@ -57,7 +58,10 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
                     continue
                 lengths = np.array([len(ids) for _, ids in rows], dtype="<u8")
                 (counts[s]["tokens"] + np.cumsum(lengths) - lengths).tofile(files[f"{s}.idx"])
-                np.fromiter(itertools.chain.from_iterable(ids for _, ids in rows), dtype="<u2").tofile(files[f"{s}.bin"])
+                tokens = np.fromiter(itertools.chain.from_iterable(ids for _, ids in rows), dtype="<u2")
+                tokens.tofile(files[f"{s}.bin"])
+                if s == "train":
+                    unigram[:] += np.bincount(tokens, minlength=tok.vocab_size)
                 counts[s]["stories"] += len(rows)
                 counts[s]["tokens"] += int(lengths.sum())
                 counts[s]["bytes"] += sum(len(text.encode("utf-8")) for text, _ in rows)
@@ -86,12 +90,15 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
             f.close()
             os.remove(paths[name] + ".tmp")
         raise
+    p = unigram[unigram > 0] / unigram.sum()
     meta = {
         "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "dtype": "uint16",
         "tokenizer": tokenizer_file, "tokenizer_sha256": tok.sha256(),
         "input": input_spec, "val_fraction": val_fraction,
         "split": "val if int.from_bytes(sha256(id)[:8], 'little') < val_fraction * 2**64, else train",
         **{s: counts[s] for s in SPLITS},
+        # cross-entropy (nats per token) of predicting train tokens by their frequency alone: the loss to beat
+        "unigram_entropy": float(-(p * np.log(p)).sum()),
     }
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -118,6 +125,7 @@ def main():
     meta = prepare(args.input, args.tokenizer, out_dir, args.val_fraction, args.chunk_stories)
     for s in SPLITS:
         print(f"{os.path.join(out_dir, s + '.bin')}: {meta[s]['stories']:,} stories, {meta[s]['tokens']:,} tokens")
+    print(f"unigram entropy of train.bin: {meta['unigram_entropy']:.3f} nats per token (the loss of a model that ignores context)")
 
 
 if __name__ == "__main__":

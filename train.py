@@ -183,6 +183,8 @@ try:
     meta = json.load(open(meta_path))
 except json.JSONDecodeError:
     die(f"{meta_path} is not valid JSON; run prepare.py again")
+if not isinstance(meta, dict) or not {"vocab_size", "tokenizer", "train", "val", "unigram_entropy"} <= set(meta):
+    die(f"{meta_path} lacks keys that train.py needs; run prepare.py again")
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     size = os.path.getsize(path) if os.path.isfile(path) else -1
@@ -193,7 +195,7 @@ for split in ("train", "val"):
 
 
 def memmap(split):
-    # a fresh memmap per batch: numpy keeps the pages of a long-lived one resident (nanoGPT issue #11)
+    # a fresh memmap per batch, as nanoGPT does: a long-lived one keeps the pages it read and memory grows
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
 
 
@@ -344,6 +346,7 @@ if master:
     log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
     print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile} | "
           f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}")
+    print(f"val loss to beat: {meta['unigram_entropy']:.4f}, the unigram entropy of train.bin (nats per token)")
     if wandb_log:
         import wandb
 

@@ -40,7 +40,9 @@ def test_training_lowers_the_loss(workdir):
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in evals] == [0, 30, 60]
     assert evals[0]["val_loss"] == pytest.approx(math.log(4096), abs=0.3)  # untrained: uniform over the vocab
-    assert evals[-1]["val_loss"] < unigram_entropy(workdir / "data" / "sample" / "train.bin")
+    entropy = unigram_entropy(workdir / "data" / "sample" / "train.bin")
+    assert json.load(open(workdir / "data" / "sample" / "meta.json"))["unigram_entropy"] == pytest.approx(entropy)
+    assert evals[-1]["val_loss"] < entropy
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"] - 0.5
     for r in steps:
         assert {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu", "eta_s"} <= set(r)
