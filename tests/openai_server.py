@@ -1,0 +1,314 @@
+"""
+A local OpenAI-compatible HTTP server for the tests and benchmarks of generate_stories.py.
+
+It speaks the parts of the API that generate_stories.py uses, through the real `openai` client:
+    POST /v1/chat/completions, POST /v1/files, GET /v1/files/{id}, GET /v1/files/{id}/content,
+    POST /v1/batches, GET /v1/batches, GET /v1/batches/{id}
+and writes plausible simple stories, deterministically from the prompt: as many as it asks for
+("Write 4 short stories" / "Write a short story"), each with the paragraph count it asks for,
+separated by the marker line it names. `max_tokens` is honoured (4 characters a token): an answer
+that does not fit is cut, with finish_reason "length", as a real server does.
+
+Faults, injected at random with probability `fault_rate` or queued with `inject(kind, n)`:
+    429         rate limited, asking to wait `retry_after` seconds (retry-after-ms and Retry-After headers)
+    500         internal server error
+    stall       answers only after `stall` seconds, past the client's timeout
+    disconnect  closes the connection without answering
+    malformed   status 200 with a body that is not JSON
+    truncated   the last story cut off mid-sentence, finish_reason "length"
+    fewer       one story fewer than asked for
+    merged      the stories without separator lines
+In a batch, a request fails with probability `batch_fault_rate`: alternately an error-file line
+and a request that is missing from the output, as in an expired batch.
+
+In a test:
+    with OpenAIServer(latency=0.01, fault_rate=0.2) as server:
+        client = openai.OpenAI(base_url=server.url, api_key=server.api_key)
+Standalone (bench.py runs it this way, in its own process):
+    python tests/openai_server.py --port=8000 --latency=0.1 --fault_rate=0.2
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import random
+import re
+import sys
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+FAULTS = ("429", "500", "stall", "disconnect", "malformed", "truncated", "fewer", "merged")
+
+# the prompt wording these parse is generate_stories.py's; the defaults cover anything else
+N_STORIES_RE = re.compile(r"Write (\d+) short stories")
+N_PARAGRAPHS_RE = re.compile(r"(\d+) paragraphs?")
+SEPARATOR_RE = re.compile(r'line with only "([^"]+)"')
+
+SUBJECTS = ["Mia", "Leo", "Ava", "Sam", "Lily", "Max", "Zoe", "Ben", "The cat", "The dog",
+            "A little bird", "The old man", "A small fox", "The girl", "The boy", "Grandma"]
+VERBS = ["ran to", "looked at", "played with", "found", "sat by", "smiled at", "jumped over",
+         "walked past", "sang to", "waved at", "hid behind", "drew", "picked up", "hugged"]
+OBJECTS = ["the big tree", "a red ball", "the old house", "the small pond", "a shiny stone",
+           "the green hill", "a soft hat", "the blue boat", "a warm cake", "the tall tower",
+           "a tiny frog", "the yellow door", "a kind friend", "the quiet road", "a bright star"]
+ENDINGS = ["", " in the morning", " after lunch", " with a big smile", " one more time",
+           " very slowly", " in the rain", " at night", " with joy", " near the river"]
+
+
+def story_text(prompt, index, n_paragraphs):
+    """A story that depends only on the prompt and its place in the answer."""
+    seed = hashlib.blake2b(f"{index}\n{prompt}".encode(), digest_size=8).digest()
+    rng = random.Random(seed)
+    paragraphs = []
+    for _ in range(n_paragraphs):
+        sentences = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}"
+                     f"{rng.choice(ENDINGS)}{rng.choice('..!')}" for _ in range(rng.randint(5, 7))]
+        paragraphs.append(" ".join(sentences))
+    return "\n\n".join(paragraphs)
+
+
+class OpenAIServer:
+    """The server's state, and the server itself in a background thread (a context manager)."""
+
+    def __init__(self, latency=0.0, fault_rate=0.0, faults=FAULTS, stall=2.0, retry_after=0.05,
+                 api_key="sk-test-key", batch_delay=0.2, batch_fault_rate=0.0, seed=0, port=0):
+        self.latency, self.fault_rate, self.faults, self.stall = latency, fault_rate, list(faults), stall
+        self.retry_after = retry_after
+        self.api_key, self.batch_delay, self.batch_fault_rate = api_key, batch_delay, batch_fault_rate
+        self.rng = random.Random(seed)
+        self.lock, self.batch_lock = threading.Lock(), threading.Lock()
+        self.queued = []  # faults from inject(), served before the random ones
+        self.stats = Counter()  # requests by endpoint, faults by kind
+        self.files, self.batches = {}, {}
+        self.log = []  # (time, path, status) of each request, for tests of the client's timing
+        self.httpd = Server(("127.0.0.1", port), Handler)
+        self.httpd.app = self
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def inject(self, kind, n=1):
+        assert kind in FAULTS, kind
+        with self.lock:
+            self.queued += [kind] * n
+
+    def next_fault(self):
+        with self.lock:
+            if self.queued:
+                return self.queued.pop(0)
+            if self.faults and self.rng.random() < self.fault_rate:
+                return self.rng.choice(self.faults)
+            return None
+
+    def count(self, key):
+        with self.lock:
+            self.stats[key] += 1
+            return self.stats[key]
+
+    def new_id(self, prefix):
+        return f"{prefix}-{self.count('ids')}"
+
+    # chat completions
+
+    def completion(self, body, fault=None):
+        """A chat completion object for a request body; faults that change the answer applied."""
+        prompt = body["messages"][-1]["content"]
+        m = N_STORIES_RE.search(prompt)
+        n_stories = int(m.group(1)) if m else 1
+        m = N_PARAGRAPHS_RE.search(prompt)
+        n_paragraphs = int(m.group(1)) if m else 3
+        m = SEPARATOR_RE.search(prompt)
+        separator = m.group(1) if m else "###"
+        stories = [story_text(prompt, i, n_paragraphs) for i in range(n_stories)]
+        if fault == "fewer" and n_stories > 1:
+            stories = stories[:-1]
+        text = ("\n\n" if fault == "merged" else f"\n\n{separator}\n\n").join(stories)
+        finish_reason = "stop"
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if fault == "truncated":
+            text, finish_reason = text[: len(text) - len(stories[-1]) // 2], "length"
+        elif max_tokens and len(text) > 4 * max_tokens:
+            text, finish_reason = text[: 4 * max_tokens], "length"
+        return {
+            "id": self.new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", "gpt-4o-mini") + "-2024-07-18",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
+                      "total_tokens": len(prompt) // 4 + len(text) // 4},
+        }
+
+    # batches
+
+    def batch_object(self, batch):
+        with self.batch_lock:
+            if batch["status"] == "in_progress" and time.time() - batch["created_at"] > self.batch_delay:
+                self.run_batch(batch)
+        return batch
+
+    def run_batch(self, batch):
+        output, errors = [], []
+        for line in self.files[batch["input_file_id"]]["content"].splitlines():
+            request = json.loads(line)
+            with self.lock:
+                failed = self.rng.random() < self.batch_fault_rate
+            if failed:
+                if self.count("batch_faults") % 2:
+                    errors.append({"id": self.new_id("batch_req"), "custom_id": request["custom_id"],
+                                   "response": {"status_code": 500, "body": {"error": {"message": "server error"}}},
+                                   "error": None})
+                continue
+            output.append({"id": self.new_id("batch_req"), "custom_id": request["custom_id"],
+                           "response": {"status_code": 200, "request_id": self.new_id("req"),
+                                        "body": self.completion(request["body"])},
+                           "error": None})
+        for key, lines in (("output_file_id", output), ("error_file_id", errors)):
+            if lines:
+                content = "".join(json.dumps(x) + "\n" for x in lines).encode()
+                batch[key] = self.add_file(content, "batch_output", f"{batch['id']}_{key}.jsonl")["id"]
+        batch["request_counts"] = {"total": len(output) + len(errors), "completed": len(output),
+                                   "failed": len(errors)}
+        batch["status"], batch["completed_at"] = "completed", int(time.time())
+
+    def add_file(self, content, purpose, filename):
+        file = {"id": self.new_id("file"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
+                "filename": filename, "purpose": purpose, "status": "processed"}
+        self.files[file["id"]] = {**file, "content": content}
+        return file
+
+    # routing: (status, payload, extra headers), where status may name a fault for the handler to act out
+
+    def handle(self, method, path, headers, body):
+        if headers.get("Authorization") != f"Bearer {self.api_key}":
+            return 401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                   "code": "invalid_api_key"}}, {}
+        path = path.split("?")[0].rstrip("/")
+        if method == "POST" and path == "/v1/chat/completions":
+            self.count("chat")
+            if self.latency:
+                time.sleep(self.latency)
+            fault = self.next_fault()
+            if fault:
+                self.count(fault)
+            if fault == "429":
+                wait = {"retry-after-ms": str(round(self.retry_after * 1000)),
+                        "Retry-After": str(math.ceil(self.retry_after))}
+                return 429, {"error": {"message": "Rate limit reached.", "type": "requests",
+                                       "code": "rate_limit_exceeded"}}, wait
+            if fault == "500":
+                return 500, {"error": {"message": "The server had an error.", "type": "server_error"}}, {}
+            if fault in ("stall", "disconnect", "malformed"):
+                return fault, None, {}
+            return 200, self.completion(json.loads(body), fault), {}
+        if method == "POST" and path == "/v1/files":
+            fields = parse_multipart(headers.get("Content-Type", ""), body)
+            return 200, self.add_file(fields["file"][1], fields["purpose"][1].decode(), fields["file"][0]), {}
+        m = re.fullmatch(r"/v1/files/([\w-]+)(/content)?", path)
+        if method == "GET" and m and m.group(1) in self.files:
+            file = self.files[m.group(1)]
+            if m.group(2):
+                return 200, file["content"], {"Content-Type": "application/octet-stream"}
+            return 200, {k: v for k, v in file.items() if k != "content"}, {}
+        if method == "POST" and path == "/v1/batches":
+            request = json.loads(body)
+            if request.get("input_file_id") not in self.files:
+                return 400, {"error": {"message": "No such input file.", "type": "invalid_request_error"}}, {}
+            batch = {"id": self.new_id("batch"), "object": "batch", "endpoint": request["endpoint"],
+                     "input_file_id": request["input_file_id"], "completion_window": request["completion_window"],
+                     "status": "in_progress", "created_at": time.time(), "output_file_id": None,
+                     "error_file_id": None, "metadata": request.get("metadata")}
+            self.batches[batch["id"]] = batch
+            self.count("batches")
+            return 200, self.batch_object(batch), {}
+        if method == "GET" and path == "/v1/batches":
+            data = [self.batch_object(b) for b in reversed(list(self.batches.values()))]
+            return 200, {"object": "list", "data": data, "has_more": False}, {}
+        m = re.fullmatch(r"/v1/batches/([\w-]+)", path)
+        if method == "GET" and m and m.group(1) in self.batches:
+            return 200, self.batch_object(self.batches[m.group(1)]), {}
+        return 404, {"error": {"message": f"No route {method} {path}.", "type": "invalid_request_error"}}, {}
+
+
+def parse_multipart(content_type, body):
+    """{name: (filename, bytes)} from a multipart/form-data body."""
+    boundary = re.search(r'boundary="?([^";]+)"?', content_type).group(1).encode()
+    fields = {}
+    for part in body.split(b"--" + boundary)[1:-1]:
+        head, _, content = part.partition(b"\r\n\r\n")
+        name = re.search(rb'name="([^"]*)"', head).group(1).decode()
+        filename = re.search(rb'filename="([^"]*)"', head)
+        fields[name] = (filename.group(1).decode() if filename else None, content[:-2])  # drop the part's \r\n
+    return fields
+
+
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 1024  # the default listen backlog of 5 resets connections opened in a burst
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no news
+            super().handle_error(request, client_address)
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
+    disable_nagle_algorithm = True  # headers and body go out in two writes: Nagle would hold the body 40 ms
+
+    def log_message(self, *args):
+        pass
+
+    def serve(self, method):
+        app = self.server.app
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        status, payload, extra = app.handle(method, self.path, self.headers, body)
+        app.log.append((time.time(), self.path, status))
+        if status == "disconnect":
+            self.close_connection = True
+            return
+        if status == "stall":
+            time.sleep(app.stall)
+            status, payload = 200, app.completion(json.loads(body))
+        if status == "malformed":
+            status, payload = 200, b'{"id": "chatcmpl-broken", "object": "chat.completion", "choices": [{"ind'
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        try:
+            self.send_response(status)
+            for k, v in {"Content-Type": "application/json", **extra}.items():
+                self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up on a stalled request
+            self.close_connection = True
+
+    def do_GET(self):
+        self.serve("GET")
+
+    def do_POST(self):
+        self.serve("POST")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Local OpenAI-compatible server for tests and benchmarks.")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per chat completion")
+    parser.add_argument("--fault_rate", type=float, default=0.0, help="probability of a fault per request")
+    parser.add_argument("--faults", default=",".join(FAULTS), help="comma-separated kinds to draw from")
+    parser.add_argument("--stall", type=float, default=2.0, help="seconds a stalled request takes")
+    parser.add_argument("--api_key", default="sk-test-key")
+    parser.add_argument("--max_seconds", type=float, default=3600, help="stop by itself after this long")
+    args = parser.parse_args()
+    server = OpenAIServer(latency=args.latency, fault_rate=args.fault_rate, faults=args.faults.split(","),
+                          stall=args.stall, api_key=args.api_key, port=args.port)
+    print(f"listening on {server.url}", flush=True)
+    with server:
+        time.sleep(args.max_seconds)

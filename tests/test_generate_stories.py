@@ -1,0 +1,366 @@
+"""
+Tests of generate_stories.py, the dataset generator: its sampler, prompts and cleaning, and whole runs
+through the real openai client against tests/openai_server.py, a local OpenAI-compatible server that
+injects faults on demand. They read as the contract of stories.jsonl: exactly the stories asked for,
+unique ids, labels equal to the prompt's, nothing lost or doubled by a crash, the API key nowhere.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import generate_stories as gs  # noqa: E402
+from openai_server import FAULTS, OpenAIServer  # noqa: E402
+
+KEY = "sk-test-7f3a9c2e51"  # distinctive, to look for it in every file and log
+AXES, NAMES = gs.load_axes(os.path.join(ROOT, "axes.json"))
+
+
+def args_for(*argv):
+    return gs.parse_args(list(argv))
+
+
+def generate(monkeypatch, server, out, *argv):
+    """Run generate_stories.py in this process against the server."""
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    gs.main([f"--base_url={server.url}", f"--out={out}", "--backoff=0.01", *argv])
+
+
+def start(server, out, *argv, key=KEY):
+    """Start generate_stories.py as a process against the server."""
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "generate_stories.py"), f"--base_url={server.url}",
+                             f"--out={out}", "--backoff=0.01", *argv],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def check_stories(path, n, stories_per_prompt=4, seed=0):
+    """The output holds exactly n stories, unique ids, each labelled with its prompt's labels."""
+    records = read(path)
+    assert len(records) == n
+    assert len({r["id"] for r in records}) == n
+    ks = [r["prompt_id"] for r in records]
+    args = args_for(f"--seed={seed}", f"--stories_per_prompt={stories_per_prompt}")
+    for r, (k, labels, prompt) in zip(records, gs.prompts_for(AXES, NAMES, args, ks)):
+        assert {key: r[key] for key in labels} == labels and r["prompt"] == prompt
+        assert r["story"].isascii() and r["story"] == r["story"].strip()
+        assert abs(r["story"].count("\n\n") + 1 - r["num_paragraphs"]) <= 1
+        assert r["id"] == gs.story_id(r["story"])
+        assert r["model"].startswith("gpt-4o-mini") and r["finish_reason"] in ("stop", "length")
+        assert r["story_index"] < stories_per_prompt and r["completion_tokens"] > 0
+    assert max(Counter(ks).values()) <= stories_per_prompt
+    return records
+
+
+@pytest.fixture
+def server():
+    with OpenAIServer(latency=0.002, api_key=KEY, batch_delay=0.05) as s:
+        yield s
+
+# -----------------------------------------------------------------------------
+# sampler and prompts
+
+
+def test_prompt_k_depends_only_on_seed_and_k():
+    all_at_once = gs.sample_prompts(AXES, NAMES, 7, np.arange(1000))
+    for k in (0, 3, 999):
+        alone = gs.sample_prompts(AXES, NAMES, 7, [k])
+        assert gs.prompt_at(AXES, NAMES, alone, 0) == gs.prompt_at(AXES, NAMES, all_at_once, k)
+    other_seed = gs.sample_prompts(AXES, NAMES, 8, np.arange(1000))
+    assert (other_seed["theme"] != all_at_once["theme"]).mean() > 0.9
+
+
+def test_shards_split_the_prompts_without_overlap():
+    seen = []
+    for i in range(3):
+        it = gs.iter_prompts(AXES, NAMES, args_for(f"--shard={i}/3"))
+        seen += [k for k, _, _ in (next(it) for _ in range(100))]
+    assert sorted(seen) == list(range(300))
+    single = gs.iter_prompts(AXES, NAMES, args_for())
+    shard = gs.iter_prompts(AXES, NAMES, args_for("--shard=1/3"))
+    by_k = {k: prompt for k, _, prompt in (next(single) for _ in range(30))}
+    assert all(by_k[k] == prompt for k, _, prompt in (next(shard) for _ in range(10)))
+
+
+def test_axes_follow_their_weights_and_optional_probabilities():
+    idx = gs.sample_prompts(AXES, NAMES, 0, np.arange(200_000))
+    grammar, _ = AXES["grammar"]
+    assert grammar[0] == "" and abs((idx["grammar"] == 0).mean() - 0.5) < 0.01
+    assert abs((idx["persona"] == 0).mean() - 0.5) < 0.01
+    letters, _ = AXES["initial_letter"]
+    counts = np.bincount(idx["initial_letter"], minlength=len(letters))
+    assert letters[counts.argmax()] == "T" and counts[letters.index("E")] < counts[letters.index("A")]
+    paragraphs = np.bincount(idx["num_paragraphs"]) / len(idx["num_paragraphs"])
+    assert len(paragraphs) == 9 and np.abs(paragraphs - 1 / 9).max() < 0.005
+
+
+def test_axes_file_has_what_the_issue_asks_for():
+    with open(os.path.join(ROOT, "axes.json")) as f:
+        raw = json.load(f)
+    minimum = {"themes": 60, "topics": 45, "styles": 20, "features": 25, "grammar": 30, "personas": 20}
+    for key, n in minimum.items():
+        assert len(set(raw[key])) == len(raw[key]) >= n, key
+    assert AXES["num_paragraphs"][0] == list(range(1, 10)) and len(NAMES) >= 20
+
+
+def test_independence_check_passes_and_catches_coupled_axes():
+    idx = gs.sample_prompts(AXES, NAMES, 0, np.arange(100_000))
+    n_persona, n_paragraphs = len(AXES["persona"][0]), 9
+    table = np.bincount(idx["persona"] * n_paragraphs + idx["num_paragraphs"], minlength=n_persona * n_paragraphs)
+    assert gs.chi_square(table.reshape(n_persona, n_paragraphs))[2] > 0.001
+    # the published dataset's flaw: personas only where the paragraph count is 1, 4 or 7
+    coupled = np.where(np.isin(idx["num_paragraphs"], [0, 3, 6]), idx["persona"], 0)
+    table = np.bincount(coupled * n_paragraphs + idx["num_paragraphs"], minlength=n_persona * n_paragraphs)
+    assert gs.chi_square(table.reshape(n_persona, n_paragraphs))[2] < 1e-9
+
+
+def test_dry_run_prints_prompts_counts_independence_and_cost(capsys):
+    gs.main(["--dry_run", "--n_stories=40000", "--n_examples=2"])
+    out = capsys.readouterr().out
+    assert out.count("--- prompt ") == 2 and "Write 4 short stories" in out
+    assert "theme (64 values): Friendship" in out and "persona present, by num_paragraphs: 1:" in out
+    assert "persona x num_paragraphs" in out and "independence check: passed" in out
+    assert "tokens:" in out and "cost: $" in out
+
+
+def test_one_story_prompt_is_worded_for_one_story():
+    labels, names = gs.prompt_at(AXES, NAMES, gs.sample_prompts(AXES, NAMES, 0, [5]), 0)
+    one = gs.prompt_text(labels, names, 1)
+    several = gs.prompt_text(labels, names, 3)
+    assert one.startswith("Write a short story") and "stories" not in one and gs.SEPARATOR not in one
+    assert several.startswith("Write 3 short stories") and f'line with only "{gs.SEPARATOR}"' in several
+    for text in (one, several):
+        assert labels["theme"] in text and labels["topic"] in text and labels["feature"] in text
+        assert f'letter "{labels["initial_letter"]}"' in text
+        assert f"exactly {labels['num_paragraphs']} paragraph" in text
+
+# -----------------------------------------------------------------------------
+# cleaning
+
+
+PARAGRAPH = "The cat ran to the big red tree. It sat in the sun and smiled at the birds. Then it went home to sleep."
+
+
+def completion(text, finish_reason="stop"):
+    return {"id": "chatcmpl-1", "model": "m",
+            "choices": [{"message": {"content": text}, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 20}}
+
+
+def test_clean_story_fixes_typography_titles_and_drops_what_cannot_be_fixed():
+    args = args_for()
+    text = f"**The Red Tree**\n\n\u201cHi,\u201d said Zo\u00eb \u2014 it\u2019s me\u2026 {PARAGRAPH}"
+    story, rule, fixes = gs.clean_story(text, 1, args)
+    assert rule is None and story == f'"Hi," said Zoe - it\'s me... {PARAGRAPH}'
+    assert set(fixes) == {"title", "typography", "transliterated"}
+    story, _, fixes = gs.clean_story(f"Story 2: {PARAGRAPH}\n\n{PARAGRAPH}", 2, args)
+    assert story == f"{PARAGRAPH}\n\n{PARAGRAPH}" and fixes == ["numbering"]
+    story, _, _ = gs.clean_story(f"{PARAGRAPH}\n{PARAGRAPH}\n{PARAGRAPH}", 3, args)  # single line breaks
+    assert story.count("\n\n") == 2
+    assert gs.clean_story(f"{PARAGRAPH} \U0001F431", 1, args)[1] == "non_ascii"
+    assert gs.clean_story("The cat sat.", 1, args)[1] == "too_short"
+    assert gs.clean_story(" ".join([PARAGRAPH] * 60), 1, args)[1] == "too_long"
+    assert gs.clean_story("\n\n".join([PARAGRAPH] * 6), 2, args)[1] == "wrong_paragraphs"
+
+
+def test_make_records_drops_unfinished_runtogether_and_duplicate_stories(tmp_path):
+    args = args_for("--stories_per_prompt=3")
+    labels, names = gs.prompt_at(AXES, NAMES, gs.sample_prompts(AXES, NAMES, 0, [0]), 0)
+    labels["num_paragraphs"] = 1
+    out = gs.Output(tmp_path / "stories.jsonl", args, AXES, NAMES)
+    stories = [f"{PARAGRAPH} {PARAGRAPH} Story {i}." for i in range(3)]
+
+    def records(text, finish_reason="stop"):
+        removed, fixed = Counter(), Counter()
+        return gs.make_records(0, labels, "p", completion(text, finish_reason), args, out, removed, fixed), removed
+
+    got, removed = records("\n###\n".join(stories))
+    assert [r["story"] for r in got] == stories and not removed and got[0]["theme"] == labels["theme"]
+    got, removed = records("\n###\n".join(stories)[:-40], "length")  # cut at max_tokens
+    assert [r["story"] for r in got] == stories[:2] and removed == {"truncated": 1}
+    got, removed = records("\n\n".join(stories))  # the separator forgotten
+    assert got == [] and removed == {"separator_failed": 1}
+    got, removed = records(f"{stories[0]}\n###\n{stories[0].upper()}\n###\n{stories[1]}")
+    assert [r["story"] for r in got] == [stories[0], stories[1]] and removed == {"duplicate": 1}
+    assert [r["story_index"] for r in got] == [0, 2]
+    out.write(got)  # a story written before is a duplicate in any later completion
+    got, removed = records(f"{stories[2]}\n###\n{stories[1]}")
+    assert [r["story"] for r in got] == [stories[2]] and removed == {"duplicate": 1}
+
+# -----------------------------------------------------------------------------
+# live runs against the local server
+
+
+def test_faulty_server_gives_exactly_the_stories_asked_for(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(latency=0.005, fault_rate=0.2, stall=1.0, api_key=KEY) as server:
+        for kind in FAULTS:  # each kind at least once, whatever the random draws
+            server.inject(kind)
+        generate(monkeypatch, server, out, "--n_stories=500", "--stories_per_prompt=3", "--concurrency=32",
+                 "--timeout=0.3")
+        assert all(server.stats[kind] >= 1 for kind in FAULTS)
+        assert sum(server.stats[kind] for kind in FAULTS) >= 0.15 * server.stats["chat"]
+    check_stories(out, 500, stories_per_prompt=3)
+    summary = capsys.readouterr().out
+    for reason in ("retry 429", "retry 500", "retry timeout", "retry connection", "retry bad_answer",
+                   "truncated", "separator_failed"):
+        assert reason in summary
+    assert "gave up" not in summary
+
+
+def test_killed_run_restarted_ends_like_an_uninterrupted_one(monkeypatch, tmp_path):
+    with OpenAIServer(latency=0.04, api_key=KEY) as server:
+        whole = tmp_path / "whole.jsonl"
+        generate(monkeypatch, server, whole, "--n_stories=240", "--concurrency=4")
+        assert server.stats["chat"] == 60
+        out = tmp_path / "stories.jsonl"
+        proc = start(server, out, "--n_stories=240", "--concurrency=4")
+        deadline = time.time() + 30
+        while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 40):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        n_before = out.read_text().count("\n")
+        assert 40 <= n_before < 240
+        with open(out, "a") as f:  # as if the machine died in the middle of a write
+            f.write('{"id": "0123456789abcdef", "story": "Once upon a ti')
+        restarted = start(server, out, "--n_stories=240", "--concurrency=4")
+        stdout, stderr = restarted.communicate(timeout=60)
+        assert restarted.returncode == 0, stderr
+        assert "torn last line" in stderr
+        assert server.stats["chat"] - 60 <= 60 + 4  # only the requests in flight at the kill are paid twice
+    records = check_stories(out, 240)
+    assert {r["prompt_id"] for r in records} == {r["prompt_id"] for r in read(whole)} == set(range(60))
+
+
+def test_finished_run_is_not_repeated_and_other_arguments_are_refused(monkeypatch, tmp_path, server, capsys):
+    out = tmp_path / "stories.jsonl"
+    generate(monkeypatch, server, out, "--n_stories=20")
+    requests = server.stats["chat"]
+    generate(monkeypatch, server, out, "--n_stories=20")
+    assert server.stats["chat"] == requests and "nothing to do" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--seed"):
+        generate(monkeypatch, server, out, "--n_stories=40", "--seed=1")
+    with pytest.raises(SystemExit, match="shard"):
+        generate(monkeypatch, server, out, "--n_stories=40", "--shard=1/2")
+    generate(monkeypatch, server, out, "--n_stories=40")
+    check_stories(out, 40)
+
+
+def test_shards_together_make_the_whole_job(monkeypatch, tmp_path, server):
+    records = []
+    for i in range(3):
+        generate(monkeypatch, server, tmp_path / f"stories.{i}.jsonl", "--n_stories=100", f"--shard={i}/3")
+        records += read(tmp_path / f"stories.{i}.jsonl")
+        assert all(r["prompt_id"] % 3 == i for r in read(tmp_path / f"stories.{i}.jsonl"))
+    assert len(records) == 100 and len({r["id"] for r in records}) == 100
+
+
+def test_retry_after_is_honoured(monkeypatch, tmp_path):
+    with OpenAIServer(retry_after=0.3, api_key=KEY) as server:
+        server.inject("429")
+        generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=4", "--backoff=0.001")
+        times = [t for t, path, _ in server.log if path.endswith("/chat/completions")]
+    assert len(times) == 2 and times[1] - times[0] >= 0.3
+
+
+def test_requests_per_minute_limit(monkeypatch, tmp_path, server):
+    t0 = time.time()
+    generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=600", "--rpm=6000")  # 100 a second
+    # 150 requests: a second's worth at once, then 100 a second
+    assert time.time() - t0 >= 0.45 and server.stats["chat"] == 150
+
+
+def test_bad_key_ends_in_one_clear_line_and_writes_nothing(tmp_path, server):
+    out = tmp_path / "stories.jsonl"
+    proc = start(server, out, "--n_stories=20", "--concurrency=4", key="sk-wrong-key")
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode != 0
+    assert len(stderr.strip().splitlines()) == 1 and "401" in stderr and "OPENAI_API_KEY" in stderr
+    assert not out.exists() and len(server.log) <= 4  # the requests in flight at once, none retried
+
+
+def test_not_found_is_not_retried(monkeypatch, tmp_path, server):
+    with pytest.raises(SystemExit, match="404"):
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        gs.main([f"--base_url={server.url}/nope", f"--out={tmp_path / 'stories.jsonl'}", "--n_stories=20",
+                 "--concurrency=1"])
+    assert len(server.log) == 1
+
+
+def test_help_shows_the_usage():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "generate_stories.py"), "--help"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "Usage:" in result.stdout and "--n_stories" in result.stdout
+
+
+def test_missing_key_is_one_clear_line(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(SystemExit, match="OPENAI_API_KEY is not set"):
+        gs.main([f"--out={tmp_path / 'stories.jsonl'}"])
+
+# -----------------------------------------------------------------------------
+# Batch API
+
+
+def test_batch_mode_end_to_end_resubmits_failed_requests(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05, batch_fault_rate=0.2) as server:
+        generate(monkeypatch, server, out, "--batch", "--n_stories=200", "--batch_size=15", "--batches_in_flight=2",
+                 "--poll_interval=0.02")
+        assert server.stats["batches"] >= 5 and server.stats["batch_faults"] >= 2 and server.stats["chat"] == 0
+    records = check_stories(out, 200)
+    assert {r["prompt_id"] for r in records} == set(range(50))  # the failed requests came back, resubmitted
+    assert "batch requests failed" in capsys.readouterr().out
+    assert not os.path.exists(f"{out}.batches.json")
+
+
+def test_killed_batch_run_polls_again_instead_of_paying_twice(tmp_path):
+    out = tmp_path / "stories.jsonl"
+    state = tmp_path / "stories.jsonl.batches.json"
+    with OpenAIServer(api_key=KEY, batch_delay=1.0) as server:
+        argv = ["--batch", "--n_stories=120", "--batch_size=10", "--batches_in_flight=3", "--poll_interval=0.05"]
+        proc = start(server, out, *argv)
+        deadline = time.time() + 30
+        while time.time() < deadline and not (state.exists() and server.stats["batches"] >= 3
+                                              and all(b["batch_id"] for b in json.loads(state.read_text())["batches"])):
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert not out.exists()  # killed while its batches were in flight
+        restarted = start(server, out, *argv)
+        stdout, stderr = restarted.communicate(timeout=60)
+        assert restarted.returncode == 0, stderr
+        submitted = Counter(json.loads(line)["custom_id"] for f in server.files.values() if f["purpose"] == "batch"
+                            for line in f["content"].splitlines())
+    check_stories(out, 120)
+    assert set(submitted) == {f"prompt-{k}" for k in range(30)} and max(submitted.values()) == 1
+
+
+def test_api_key_is_in_no_file_and_no_log(tmp_path, server):
+    logs = ""
+    for mode in ([], ["--batch", "--poll_interval=0.02", "--batch_size=3"]):
+        proc = start(server, tmp_path / f"stories{len(mode)}.jsonl", "--n_stories=20", *mode)
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 0, stderr
+        logs += stdout + stderr
+    assert KEY not in logs
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert len(files) >= 2
+    for path in files:
+        with open(path, "rb") as f:
+            assert KEY.encode() not in f.read(), path
