@@ -78,14 +78,15 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Keys and values of every layer for up to n_ctx positions, filled as generation goes."""
 
-    def __init__(self, config, batch_size, device, dtype):
-        shape = (config.n_layers, batch_size, config.n_kv_heads, config.n_ctx, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+    def __init__(self, config, batch_size):
+        self.shape = (config.n_layers, batch_size, config.n_kv_heads, config.n_ctx, config.head_dim)
+        self.k = self.v = None
         self.pos = 0  # number of positions already stored
 
     def update(self, layer, k, v):
         """Store k, v (B, n_kv_heads, T, head_dim) at the current position; return all keys and values so far."""
+        if self.k is None:  # allocated at first use, in the dtype the layers compute in (bf16 under autocast)
+            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -212,7 +213,7 @@ class GPT(nn.Module):
         reference the KV cache is tested against).
         """
         max_new_tokens = min(max_new_tokens, self.config.n_ctx - idx.size(1))
-        cache = KVCache(self.config, idx.size(0), idx.device, self.embed.weight.dtype) if use_cache else None
+        cache = KVCache(self.config, idx.size(0)) if use_cache else None
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         out = idx
         next_input = idx

@@ -70,7 +70,7 @@ def test_kv_cache_logits_match_full_forward():
     model = small_model()
     idx = torch.randint(0, 97, (3, 30))
     full = model(idx)[0]
-    cache = KVCache(model.config, 3, "cpu", torch.float32)
+    cache = KVCache(model.config, 3)
     parts = [model(idx[:, :12], cache=cache)[0], model(idx[:, 12:20], cache=cache)[0]]
     parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(20, 30)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
