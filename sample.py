@@ -28,9 +28,10 @@ def load_model(out_dir, device):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
+        tokenizer_file = checkpoint["tokenizer"]
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not from train.py") from None
-    return model.to(device).eval(), Tokenizer(checkpoint["tokenizer"])
+    return model.to(device).eval(), Tokenizer(tokenizer_file)
 
 
 def main():
@@ -46,17 +47,27 @@ def main():
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'mps'")
     args = parser.parse_args()
+    if args.num_samples < 1 or args.max_new_tokens < 1:
+        raise ValueError("--num_samples and --max_new_tokens must be at least 1")
+    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--temperature and --top_k must not be negative, and --top_p must be in (0, 1]")
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tok = load_model(args.out_dir, device)
     prompts = [args.prompt]
     if args.prompt_file:
+        if not os.path.isfile(args.prompt_file):
+            raise ValueError(f"prompt file {args.prompt_file} does not exist")
         with open(args.prompt_file) as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
     for prompt in prompts:
-        idx = torch.tensor([tok.encode(prompt, bos=True)] * args.num_samples, device=device)
+        ids = tok.encode(prompt, bos=True)
+        if len(ids) >= model.config.n_ctx:
+            raise ValueError(f"prompt {prompt[:40]!r}... is {len(ids)} tokens, leaving no room in the model's context of {model.config.n_ctx}")
+        idx = torch.tensor([ids] * args.num_samples, device=device)
         with autocast:
             out = model.generate(idx, args.max_new_tokens, args.temperature, args.top_k, args.top_p, tok.eos_id, generator)
         for row in out.tolist():

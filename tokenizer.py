@@ -159,11 +159,17 @@ class Tokenizer:
 def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
     """Train a BPE model on the paragraphs of the input stories and write it to model_file."""
 
+    bad_input = []  # an error in the input, kept: sentencepiece would wrap it in its own multi-line one
+
     def paragraphs():
-        for _, text in read_stories(input_spec):
-            for paragraph in text.split(PARAGRAPH_BREAK):
-                if paragraph.strip():
-                    yield paragraph
+        try:
+            for _, text in read_stories(input_spec):
+                for paragraph in text.split(PARAGRAPH_BREAK):
+                    if paragraph.strip():
+                        yield paragraph
+        except ValueError as e:
+            bad_input.append(e)
+            raise
 
     proto = io.BytesIO()
     try:
@@ -175,6 +181,8 @@ def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
             input_sentence_size=max_paragraphs, shuffle_input_sentence=True, max_sentence_length=1 << 16,
             num_threads=os.cpu_count(), minloglevel=2)
     except RuntimeError as e:
+        if bad_input:
+            raise bad_input[0] from None
         largest = re.search(r"value <= (\d+)", str(e))
         if largest:
             raise ValueError(f"the input is too small for vocab_size={vocab_size}: the largest vocab it supports is "

@@ -36,7 +36,8 @@ from tokenizer import Tokenizer
 # data and output
 dataset = "sample"  # reads data/<dataset>/{train,val}.bin and meta.json from prepare.py
 out_dir = "out/run"  # ckpt.pt and log.jsonl go here
-init_from = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt
+init_from = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt with the settings saved there
+overwrite = False  # let a scratch run replace the checkpoint already in out_dir
 # model (GPTConfig)
 n_layers = 6
 d_model = 256
@@ -79,8 +80,10 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type
 # bf16 dense tensor-core FLOP/s from the vendors' datasheets, matched against the device name in order
 PEAK_FLOPS = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+    ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 ]
+# settings that decide which batches a step sees: a resumed run must keep them
+BATCH_SETTINGS = ("dataset", "seed", "tokens_per_step", "n_ctx")
 
 
 def die(message):
@@ -97,7 +100,7 @@ def parse_settings(argv):
                 die(f"flag {arg} has no value; write --{key}=VALUE")
             try:
                 value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 value = text  # a bare word: --dataset=sample
             settings.append((key, value, arg))
             continue
@@ -114,7 +117,7 @@ def parse_settings(argv):
                 die(f"{arg} line {node.lineno}: a config file holds only `name = value` lines")
             try:
                 value = ast.literal_eval(node.value)
-            except ValueError:
+            except (ValueError, TypeError, MemoryError, RecursionError):
                 die(f"{arg} line {node.lineno}: the value of {node.targets[0].id} must be a literal (a number, string or bool)")
             settings.append((node.targets[0].id, value, f"{arg} line {node.lineno}"))
     return settings
@@ -124,6 +127,7 @@ if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
     print(__doc__)
     print("settings and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
     sys.exit(0)
+flags = set()  # the settings given as --key=value
 for key, value, where in parse_settings(sys.argv[1:]):
     if key not in DEFAULTS:
         die(f"unknown setting {key!r} ({where}); `python train.py --help` lists the settings")
@@ -133,7 +137,44 @@ for key, value, where in parse_settings(sys.argv[1:]):
     if type(value) is not expected:
         die(f"setting {key} must be a {expected.__name__}, got {value!r} ({where})")
     globals()[key] = value
-config = {k: globals()[k] for k in DEFAULTS}  # what this run used, saved in the checkpoint
+    if where.startswith("--"):
+        flags.add(key)
+
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+checkpoint = None
+if init_from == "resume":
+    if not os.path.isfile(ckpt_path):
+        die(f"cannot resume: {ckpt_path} does not exist; start with --init_from=scratch")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        saved = checkpoint["train_config"]
+        model_config = GPTConfig(**checkpoint["model_config"])
+    except Exception as e:
+        die(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is corrupt or not from train.py; delete it or start with --init_from=scratch")
+    # the run goes on with the settings it was started with; only flags given now change them
+    for key, value in saved.items():
+        if key in DEFAULTS and key not in flags | {"init_from", "out_dir", "overwrite"}:
+            globals()[key] = value
+    changed = [f"{k} ({saved.get(k)!r} -> {globals()[k]!r})" for k in BATCH_SETTINGS if saved.get(k) != globals()[k]]
+    if changed:
+        die(f"resuming {ckpt_path} with another {', '.join(changed)} would change the batches it sees; drop those flags or start a new out_dir")
+elif init_from == "scratch":
+    if os.path.exists(ckpt_path) and not overwrite:
+        die(f"{ckpt_path} exists: continue it with --init_from=resume, or replace it with --overwrite=True or another --out_dir")
+else:
+    die(f"init_from={init_from!r}; use 'scratch' or 'resume'")
+for key in ("tokens_per_step", "batch_size", "eval_interval", "eval_seqs", "log_interval"):
+    if globals()[key] < 1:
+        die(f"setting {key}={globals()[key]} must be at least 1")
+for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "learning_rate", "weight_decay", "grad_clip", "peak_flops"):
+    if globals()[key] < 0:
+        die(f"setting {key}={globals()[key]} must not be negative")
+if wandb_log:
+    try:
+        import wandb
+    except ImportError:
+        die("wandb_log=True but wandb is not installed; pip install wandb, or leave wandb_log off")
+config = {k: globals()[k] for k in DEFAULTS}  # what this run uses, saved in the checkpoint
 
 # ----------------------------------------------------------------------------------------------
 # devices and processes
@@ -157,7 +198,7 @@ if ddp:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
 master = rank == 0
 if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
 if dtype not in ("float32", "bfloat16"):
     die(f"dtype={dtype!r}; use 'auto', 'float32' or 'bfloat16'")
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch.bfloat16)
@@ -183,15 +224,15 @@ try:
     meta = json.load(open(meta_path))
 except json.JSONDecodeError:
     die(f"{meta_path} is not valid JSON; run prepare.py again")
-if not isinstance(meta, dict) or not {"vocab_size", "tokenizer", "train", "val", "unigram_entropy"} <= set(meta):
+if not isinstance(meta, dict) or not {"vocab_size", "tokenizer", "tokenizer_sha256", "train", "val", "unigram_entropy"} <= set(meta):
     die(f"{meta_path} lacks keys that train.py needs; run prepare.py again")
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     size = os.path.getsize(path) if os.path.isfile(path) else -1
     if size != 2 * meta[split]["tokens"]:
         die(f"{path} is missing or does not match {meta_path} ({size} bytes, expected {2 * meta[split]['tokens']}); run prepare.py again")
-    if meta[split]["tokens"] < n_ctx + 1:
-        die(f"{path} has {meta[split]['tokens']} tokens, fewer than one window of n_ctx + 1 = {n_ctx + 1}; give more stories or a smaller n_ctx")
+    if meta[split]["tokens"] < n_ctx + 2:
+        die(f"{path} has {meta[split]['tokens']} tokens, too few for a window of n_ctx + 1 = {n_ctx + 1}; give more stories or a smaller n_ctx")
 
 
 def memmap(split):
@@ -225,27 +266,15 @@ def val_windows():
 
 # ----------------------------------------------------------------------------------------------
 # model, optimizer, checkpoint
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
-iter_num, best_val_loss, checkpoint = 0, float("inf"), None
-if init_from == "resume":
-    if not os.path.isfile(ckpt_path):
-        die(f"cannot resume: {ckpt_path} does not exist; start with --init_from=scratch")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        model_config = GPTConfig(**checkpoint["model_config"])
-    except Exception as e:
-        die(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is corrupt or not from train.py; delete it or start with --init_from=scratch")
+iter_num, best_val_loss = 0, float("inf")
+if checkpoint is not None:
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-    if model_config.n_ctx != n_ctx:
-        die(f"{ckpt_path} was trained with n_ctx={model_config.n_ctx}; resume it with --n_ctx={model_config.n_ctx}")
-elif init_from == "scratch":
+else:
     try:
         model_config = GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_mlp=d_mlp,
                                  n_ctx=n_ctx, d_vocab=d_vocab, rope_base=rope_base, norm_eps=norm_eps)
     except ValueError as e:
         die(str(e))
-else:
-    die(f"init_from={init_from!r}; use 'scratch' or 'resume'")
 if meta["vocab_size"] != model_config.d_vocab:
     die(f"{meta_path} has vocab_size {meta['vocab_size']} but the model has d_vocab={model_config.d_vocab}; "
         f"set --d_vocab={meta['vocab_size']} or prepare the data with a {model_config.d_vocab}-piece tokenizer")
@@ -259,6 +288,9 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, 
                               lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint["optimizer"])
+    for group in optimizer.param_groups:  # the saved groups carry the old machine's and settings' choices
+        group.update(betas=(beta1, beta2), fused=device_type == "cuda")
+    optimizer.param_groups[0]["weight_decay"] = weight_decay
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if device_type == "cuda" and len(checkpoint["rng"]["cuda"]):
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
@@ -266,11 +298,14 @@ checkpoint = None  # free the memory
 model = torch.compile(raw_model) if compile else raw_model
 eval_model = model
 if ddp:
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+    # broadcast_buffers off: the only buffers are the RoPE tables, the same on every rank
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
 
 if not os.path.isfile(meta["tokenizer"]):
     die(f"tokenizer {meta['tokenizer']} named in {meta_path} not found; run tokenizer.py and prepare.py again")
 tokenizer = Tokenizer(meta["tokenizer"])
+if tokenizer.vocab_size != meta["vocab_size"] or tokenizer.sha256() != meta["tokenizer_sha256"]:
+    die(f"{meta['tokenizer']} is not the tokenizer {meta_path} was made with; run prepare.py again with it")
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=device)
 
 
@@ -302,7 +337,7 @@ def evaluate():
     """Mean loss (nats per token) and bits per byte over the fixed val windows, summed over all ranks."""
     eval_model.eval()
     data, starts = memmap("val"), val_windows()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # nats, tokens, nats on text tokens, their bytes
+    sums = torch.zeros(4, device=device)  # nats, tokens, nats on text tokens, their bytes (float32: MPS has no float64)
     for i in range(0, len(starts), batch_size):
         x, y = to_device(np.stack([data[s:s + n_ctx + 1] for s in starts[i:i + batch_size]]))
         with autocast:
@@ -343,13 +378,23 @@ def device_peak_flops():
 log_file = None
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    log_file = open(os.path.join(out_dir, "log.jsonl"), "a" if init_from == "resume" else "w")
+    log_path = os.path.join(out_dir, "log.jsonl")
+    kept = []
+    if init_from == "resume" and os.path.isfile(log_path):  # a killed run logged past its checkpoint: drop that part
+        for line in open(log_path):
+            try:
+                if json.loads(line)["step"] <= iter_num:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                pass  # a line torn by the kill
+    with open(log_path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+    log_file = open(log_path, "a")
     print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile} | "
           f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}")
     print(f"val loss to beat: {meta['unigram_entropy']:.4f}, the unigram entropy of train.bin (nats per token)")
     if wandb_log:
-        import wandb
-
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(out_dir.rstrip("/")), config=config)
 
 
@@ -389,7 +434,7 @@ while True:
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with autocast:
-            _, loss = model(x, y)
+            loss = model(x, y)[1]
         (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -420,4 +465,5 @@ while True:
 if master:
     log_file.close()
 if ddp:
+    dist.barrier()  # no rank leaves while rank 0 still writes the last checkpoint
     dist.destroy_process_group()

@@ -17,3 +17,4 @@ eval_interval = 100
 eval_seqs = 64
 log_interval = 20
 compile = False
+overwrite = True  # quickstart.sh may be run again: its run is cheap to redo

@@ -153,7 +153,8 @@ def test_matches_transformers_llama():
         for ours, theirs in names.items():
             key = key.replace(ours, theirs)
         state["model.norm.weight" if key == "norm.weight" else key] = value
-    llama.load_state_dict(state, strict=False)
+    result = llama.load_state_dict(state, strict=False)
+    assert set(result.missing_keys) <= {"lm_head.weight"} and not result.unexpected_keys  # tied: lm_head is embed_tokens
     idx = torch.randint(0, 300, (2, 50))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], llama(idx).logits, rtol=1e-5, atol=1e-5)

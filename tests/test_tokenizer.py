@@ -87,3 +87,14 @@ def test_reads_parquet_and_text(tmp_path):
     assert [t for _, t in read_stories(str(tmp_path / "shard.parquet"))] == stories
     assert [t for _, t in read_stories(str(tmp_path / "stories.txt"))] == stories
     assert len(list(read_stories(str(tmp_path)))) == 4  # a folder: every file in it
+
+
+@pytest.mark.parametrize("bad_line, message", [(b"{not json\n", "line 41: not valid JSON"),
+                                               (b'{"story": "caf\xe9"}\n', "line 41: not UTF-8")])
+def test_bad_input_is_one_clear_line(tmp_path, bad_line, message):
+    lines = open(SAMPLE, "rb").read().splitlines(keepends=True)
+    corpus = tmp_path / "bad.jsonl"
+    corpus.write_bytes(b"".join(lines[:40]) + bad_line + b"".join(lines[40:]))
+    assert message in one_error_line(run("tokenizer.py", f"--input={corpus}", cwd=tmp_path))
+    assert not (tmp_path / "tokenizers").exists()
+    assert "below 65536" in one_error_line(run("tokenizer.py", f"--input={SAMPLE}", "--vocab_size=70000", cwd=tmp_path))

@@ -55,18 +55,31 @@ def test_training_lowers_the_loss(workdir):
 def test_resume_gives_identical_weights(workdir):
     train(workdir, "--max_iters=20", "--eval_interval=10", "--out_dir=out/straight")
     train(workdir, "--max_iters=10", "--lr_decay_iters=20", "--eval_interval=10", "--out_dir=out/stopped")
-    train(workdir, "--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--out_dir=out/stopped", "--init_from=resume")
+    with open(workdir / "out" / "stopped" / "log.jsonl", "a") as f:  # as if killed after logging past the checkpoint
+        f.write(json.dumps({"step": 11, "loss": 9.0}) + "\n" + '{"step": 12, "lo')
+    # the saved settings come back: only what changes is given
+    result = run("train.py", "--init_from=resume", "--out_dir=out/stopped", "--max_iters=20", cwd=workdir)
+    assert result.returncode == 0, result.stderr
     a, b = weights(workdir, "out/straight"), weights(workdir, "out/stopped")
     assert all(torch.equal(a[k], b[k]) for k in a)
-    straight = [r for r in log(workdir, "out/straight") if "loss" in r]
-    resumed = [r for r in log(workdir, "out/stopped") if "loss" in r]
-    assert [r["loss"] for r in straight] == [r["loss"] for r in resumed]  # the same batches, in the same order
+    straight, resumed = log(workdir, "out/straight"), log(workdir, "out/stopped")
+    assert [r["step"] for r in resumed] == [r["step"] for r in straight]  # nothing logged twice
+    assert [r.get("loss") for r in straight] == [r.get("loss") for r in resumed]  # the same batches, in order
+
+
+def test_resume_refuses_settings_that_change_the_batches(workdir):
+    line = one_error_line(run("train.py", *TINY, "--init_from=resume", "--out_dir=out/straight", "--max_iters=30", "--seed=7", cwd=workdir))
+    assert "seed (1337 -> 7)" in line
+    line = one_error_line(run("train.py", *TINY, "--out_dir=out/straight", cwd=workdir))
+    assert "--init_from=resume" in line and "--overwrite=True" in line
 
 
 def test_torchrun_two_processes_match_one(workdir):
-    train(workdir, "--max_iters=10", "--eval_interval=10", "--out_dir=out/single")
+    # two micro-steps per rank (only the last one all-reduces), and 3 val windows: one rank gets fewer
+    args = ["--max_iters=10", "--eval_interval=10", "--batch_size=2", "--eval_seqs=3"]
+    train(workdir, *args, "--out_dir=out/single")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             os.path.join(REPO, "train.py"), *TINY, "--max_iters=10", "--eval_interval=10", "--out_dir=out/ddp"],
+                             os.path.join(REPO, "train.py"), *TINY, *args, "--out_dir=out/ddp"],
                             cwd=workdir, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     single, ddp = log(workdir, "out/single"), log(workdir, "out/ddp")
@@ -87,9 +100,13 @@ def test_gradient_accumulation_matches_one_big_batch(workdir):
 
 
 def test_compile_path_runs(workdir):
-    result = train(workdir, "--compile=True", "--max_iters=4", "--eval_interval=4", "--log_interval=2", "--out_dir=out/compiled")
-    assert "compile=True" in result.stdout
-    assert log(workdir, "out/compiled")[-1]["val_loss"] < 8.5
+    args = ["--max_iters=4", "--eval_interval=4", "--log_interval=2"]
+    train(workdir, *args, "--compile=True", "--out_dir=out/compiled")
+    train(workdir, *args, "--out_dir=out/eager")
+    for a, b in zip(log(workdir, "out/compiled"), log(workdir, "out/eager")):
+        for key in ("loss", "val_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], rel=1e-3)
 
 
 def test_sample_prints_stories(workdir):
@@ -106,6 +123,11 @@ def test_sample_prints_stories(workdir):
 
 @pytest.mark.parametrize("args, message", [
     (["--nonsense=3"], "unknown setting 'nonsense'"),
+    (["--eval_interval=0"], "eval_interval=0 must be at least 1"),
+    (["--batch_size=0"], "batch_size=0 must be at least 1"),
+    (["--learning_rate=-1"], "must not be negative"),
+    (["--init_from=pretrained"], "use 'scratch' or 'resume'"),
+    (["--x={[1]: 2}"], "unknown setting 'x'"),
     (["--max_iters=ten"], "max_iters must be a int"),
     (["--compile=1"], "compile must be a bool"),
     (["--n_heads=5"], "does not divide d_model"),
@@ -115,10 +137,16 @@ def test_sample_prints_stories(workdir):
     (["--tokens_per_step=1000"], "not a multiple of n_ctx"),
     (["--max_iters"], "has no value"),
 ])
-def test_bad_settings(workdir, args, message):
-    result = run("train.py", *TINY, *args, cwd=workdir)
+def test_bad_settings(tmp_workdir, args, message):
+    result = run("train.py", *TINY, *args, cwd=tmp_workdir)
     assert message in one_error_line(result)
-    assert not os.path.exists(workdir / "out" / "never")
+    assert not (tmp_workdir / "out").exists()  # nothing written
+
+
+def test_tokenizer_must_match_the_bins(tmp_workdir):
+    assert run("tokenizer.py", "--input=data/sample/stories.jsonl", "--vocab_size=1024", cwd=tmp_workdir).returncode == 0
+    line = one_error_line(run("train.py", *TINY, "--max_iters=1", cwd=tmp_workdir))
+    assert "is not the tokenizer" in line and "prepare.py" in line
 
 
 def test_bad_config_files(workdir, tmp_path):
@@ -150,3 +178,15 @@ def test_corrupt_checkpoint(workdir, tmp_path):
     assert "corrupt" in line and "init_from=scratch" in line
     assert "corrupt" in one_error_line(run("sample.py", f"--out_dir={out}", cwd=workdir))
     assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # left as it was
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num_samples=0"], "at least 1"), (["--temperature=-1"], "must not be negative"), (["--top_p=0"], "(0, 1]"),
+    (["--prompt_file=nope.txt"], "does not exist"), (["--prompt=" + "word " * 600], "leaving no room"),
+    (["--out_dir=out/none"], "train a model with train.py"),
+])
+def test_sample_bad_arguments(workdir, args, message):
+    out = workdir / "out" / "tiny_sampler"
+    if not out.exists():
+        train(workdir, "--max_iters=1", "--eval_interval=1", f"--out_dir={out}")
+    assert message in one_error_line(run("sample.py", f"--out_dir={out}", *args, cwd=workdir))
