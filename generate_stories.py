@@ -9,8 +9,9 @@ never overlap. A prompt asks for --stories_per_prompt stories separated by a mar
 is split, cleaned (typography to ASCII, titles, length, failed separators, exact duplicates) and
 appended to --out, one JSON record per story, flushed and fsynced after each completion. A run that
 stops (killed, crashed, Ctrl-C) and is started again with the same arguments skips the prompts it
-has done and ends with exactly --n_stories stories. With --batch, the batches in flight are listed in
-<out>.batches.json, so a rerun polls them again instead of paying twice.
+has done and ends with exactly --n_stories stories; a second run on the same --out meanwhile is refused.
+With --batch, the batches in flight are listed in <out>.batches.json with the arguments that made them,
+so a rerun polls them again instead of paying twice, and a rerun with other arguments is refused.
 
 A record: id (the story's SHA-1, as tokenizer.py derives it), story (paragraphs separated by a blank
 line), the labels theme, topic, style, feature, grammar ("" if none), persona ("" if none),
@@ -29,6 +30,7 @@ Usage:
 
 import argparse
 import asyncio
+import fcntl
 import hashlib
 import itertools
 import json
@@ -63,6 +65,9 @@ BATCH_DISCOUNT = 0.5  # the Batch API costs half
 MAX_BATCH_REQUESTS = 50_000  # Batch API limits on one input file
 MAX_BATCH_BYTES = 200 * 1000 * 1000
 MAX_BACKOFF = 60.0  # seconds; the longest wait between two tries of a request
+RETRIED_4XX = (408, 409, 429)  # request timeout, conflict, rate limit: worth another try; other 4xx answers are not
+MIN_GIVE_UPS = 10  # prompts in a row that get no answer before a live run stops (at least --concurrency of them)
+MAX_BATCH_FAILURES = 5  # batches in a row that fail for the same reason before a Batch run stops
 TOKENS_PER_PARAGRAPH = 75  # dry-run guess at output length: ~55 simple words a paragraph, ~1.3 tokens a word
 SEPARATOR = "###"  # the line the model puts between two stories
 
@@ -153,6 +158,10 @@ def load_axes(path):
             sys.exit(f"error: {path} has no list '{key}'; copy the layout of the repo's axes.json")
         if not values or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
             sys.exit(f"error: '{key}' in {path} must be non-empty, with positive weights")
+        if label == "num_paragraphs":  # counts: numbers in a list, strings as the keys of a dict
+            if not all(str(v).isdigit() and int(v) >= 1 for v in values):
+                sys.exit(f"error: '{key}' in {path} must be whole numbers >= 1, got {values}")
+            values = [int(v) for v in values]
         weights = np.array(weights, dtype=np.float64) / sum(weights)
         if label in raw.get("optional", {}):  # present with this probability, else ""
             present = raw["optional"][label]
@@ -196,7 +205,6 @@ def sample_prompts(axes, names, seed, ks):
 def prompt_at(axes, names, idx, j):
     """The labels and the names of the j-th prompt of a sample."""
     labels = {label: values[idx[label][j]] for label, (values, _) in axes.items()}
-    labels["num_paragraphs"] = int(labels["num_paragraphs"])
     return labels, list(dict.fromkeys(names[i] for i in idx["names"][j]))
 
 
@@ -228,7 +236,7 @@ def prompt_text(labels, names, n_stories):
         rules.append(f"Use {labels['grammar']}.")
     if labels["persona"]:
         rules.append(f"Tell it in the first person, as {labels['persona']}.")
-    rules += [f"Write exactly {p} paragraph{'s' if p > 1 else ''}, separated by a blank line.",
+    rules += ["Write exactly one paragraph." if p == 1 else f"Write exactly {p} paragraphs, separated by a blank line.",
               f'Start with {"an" if word_type[0] in "aeiou" else "a"} {word_type} that begins with the letter '
               f'"{labels["initial_letter"]}".',
               f"If a character needs a name, you may use {names}.",
@@ -297,25 +305,32 @@ def duplicate_key(story):
 
 
 def parse_completion(body):
-    """(text, finish_reason, id, model, usage) of a chat completion as JSON; ValueError if it is not one."""
+    """(text, finish_reason, id, model) of a chat completion as JSON; ValueError if it is not one."""
     try:
         choice = body["choices"][0]
         text = choice["message"]["content"] or ""
-        return text, choice.get("finish_reason"), body.get("id", ""), body.get("model", ""), body.get("usage") or {}
+        return text, choice.get("finish_reason"), body.get("id", ""), body.get("model", "")
     except (KeyError, IndexError, TypeError) as e:
         raise ValueError(f"not a chat completion: {e!r}") from None
 
 
+def token_counts(body):
+    """(prompt_tokens, completion_tokens) of a chat completion; 0 for what a server leaves out or sends as null."""
+    usage = body.get("usage") or {}
+    return usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+
+
 def make_records(k, labels, prompt, body, args, out, removed, fixed):
     """The records of the stories in one completion that pass the cleaning rules (counted in removed/fixed)."""
-    text, finish_reason, completion_id, model, usage = parse_completion(body)
+    text, finish_reason, completion_id, model = parse_completion(body)
+    prompt_tokens, completion_tokens = token_counts(body)
     chunks = [c for c in SEPARATOR_LINE.split(text) if c.strip()]
     if not chunks:  # a refusal, or nothing at all
         removed["empty"] += 1
         return []
-    if finish_reason == "length":  # cut at max_tokens: only the last story is unfinished
+    if finish_reason in ("length", "content_filter"):  # cut at max_tokens or by a filter: the last story is unfinished
         chunks = chunks[:-1]
-        removed["truncated"] += 1
+        removed["truncated" if finish_reason == "length" else "content_filter"] += 1
     elif args.stories_per_prompt > 1 and len(chunks) == 1:  # several stories run together, labels unsure
         removed["separator_failed"] += 1
         return []
@@ -336,8 +351,8 @@ def make_records(k, labels, prompt, body, args, out, removed, fixed):
         records.append({"id": story_id(story), "story": story, **labels, "prompt_id": k, "prompt": prompt,
                         "seed": args.seed, "completion_id": completion_id, "story_index": i, "model": model,
                         "temperature": args.temperature, "top_p": args.top_p, "max_tokens": args.max_tokens,
-                        "finish_reason": finish_reason, "prompt_tokens": usage.get("prompt_tokens", 0),
-                        "completion_tokens": usage.get("completion_tokens", 0)})
+                        "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
+                        "completion_tokens": completion_tokens})
     return records
 
 # -----------------------------------------------------------------------------
@@ -345,47 +360,53 @@ def make_records(k, labels, prompt, body, args, out, removed, fixed):
 
 
 class Output:
-    """The stories file: what it holds already (a torn last line is cut off) and crash-safe appends."""
+    """The stories file, locked against a second run: what it holds already (a torn last line is cut off) and
+    crash-safe appends."""
 
     def __init__(self, path, args, axes, names):
-        self.path, self.file = path, None
+        self.path = path
         self.keys, self.prompt_ids, self.count = set(), set(), 0  # duplicate keys, prompts done, stories
         self.n_writes, self.n_synced, self.sync_lock = 0, 0, asyncio.Lock()
-        if not os.path.exists(path):
-            return
-        if not os.path.isfile(path):
-            sys.exit(f"error: --out={path} is not a file: give the path of a .jsonl file")
-        with open(path, "rb+") as f:
-            end = 0
-            for n, line in enumerate(tqdm(f, desc=f"reading {path}", unit=" stories", delay=2), start=1):
-                if not line.endswith(b"\n"):  # the write that a crash interrupted
-                    print(f"note: cutting off a torn last line of {path}", file=sys.stderr)
-                    f.truncate(end)
-                    break
-                try:
-                    record = json.loads(line)
-                    k, key = record["prompt_id"], duplicate_key(record["story"])
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    sys.exit(f"error: line {n} of {path} is not a story record: fix or remove it, or use another"
-                             f" --out")
-                if k % args.n_shards != args.shard_index:
-                    sys.exit(f"error: {path} holds prompt {k}, not of shard {args.shard}: give each shard its own"
-                             f" --out")
-                if n == 1 and record.get("prompt") != next(prompts_for(axes, names, args, [k]))[2]:
-                    sys.exit(f"error: {path} was made with another --seed, --axes or --stories_per_prompt:"
-                             f" use those, or another --out")
-                self.keys.add(key)
-                self.prompt_ids.add(k)
-                self.count += 1
-                end += len(line)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            self.file = open(path, "ab+")  # appends go to the end, whatever the reading below does
+        except OSError as e:
+            sys.exit(f"error: cannot write --out={path}: {e}")
+        try:  # two runs appending to one file would each write the prompts the other does
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)  # let go when the process ends, however it ends
+            busy = os.fstat(self.file.fileno()).st_nlink == 0  # removed by a run that ended, empty, as we opened it
+        except BlockingIOError:
+            busy = True
+        if busy:
+            sys.exit(f"error: another run is writing {path}: let it finish, or use another --out")
+        self.file.seek(0)
+        end = 0
+        for n, line in enumerate(tqdm(self.file, desc=f"reading {path}", unit=" stories", delay=2), start=1):
+            if not line.endswith(b"\n"):  # the write that a crash interrupted
+                print(f"note: cutting off a torn last line of {path}", file=sys.stderr)
+                self.file.truncate(end)
+                break
+            try:
+                record = json.loads(line)
+                k, key = record["prompt_id"], duplicate_key(record["story"])
+            except (ValueError, KeyError, TypeError, AttributeError):
+                sys.exit(f"error: line {n} of {path} is not a story record: fix or remove it, or use another"
+                         f" --out")
+            if k % args.n_shards != args.shard_index:
+                sys.exit(f"error: {path} holds prompt {k}, not of shard {args.shard}: give each shard its own"
+                         f" --out")
+            if n == 1 and record.get("prompt") != next(prompts_for(axes, names, args, [k]))[2]:
+                sys.exit(f"error: {path} was made with another --seed, --axes or --stories_per_prompt:"
+                         f" use those, or another --out")
+            self.keys.add(key)
+            self.prompt_ids.add(k)
+            self.count += 1
+            end += len(line)
 
     def write(self, records):
         """Append records as one write and flush it: a crash keeps all of them or a torn last line."""
         if not records:
             return
-        if self.file is None:
-            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-            self.file = open(self.path, "ab")
         self.file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
         self.file.flush()
         self.n_writes += 1
@@ -406,10 +427,12 @@ class Output:
                 self.n_synced = n_writes
 
     def close(self):
-        """Sync and close: the last writes may belong to requests cancelled while they waited for sync()."""
-        if self.file is not None:
-            os.fsync(self.file.fileno())
-            self.file.close()
+        """Sync and close: the last writes may belong to requests cancelled while they waited for sync().
+        A file still empty is removed, so that a run that wrote nothing leaves nothing."""
+        os.fsync(self.file.fileno())
+        if os.fstat(self.file.fileno()).st_size == 0:
+            os.remove(self.path)
+        self.file.close()
 
 # -----------------------------------------------------------------------------
 # client: retries, rate limits, the live loop
@@ -417,6 +440,16 @@ class Output:
 
 class FatalError(Exception):
     """An answer that retrying cannot fix (bad key, bad request): the run stops with its message."""
+
+
+class GaveUp(FatalError):
+    """A request that failed on each of its tries: fatal in Batch mode, the loss of one prompt in a live run."""
+
+
+def refusal(status, message):
+    """The error for a request that the API refuses as it is: a 4xx answer not in RETRIED_4XX."""
+    return FatalError(f"the API refused the request ({status}): {message}; check --model, --base_url and the"
+                      f" other settings")
 
 
 def retry_after(headers):
@@ -432,35 +465,42 @@ def retry_after(headers):
 async def with_retries(call, args, stats):
     """await call() until it succeeds; retries rate limits, server errors, timeouts, dropped connections
     and answers that are not valid JSON, with exponential backoff and jitter (or as long as Retry-After
-    says). Other 4xx answers raise FatalError. Gives up (None) after args.max_retries retries."""
+    says). Other 4xx answers raise FatalError, and so does a 429 for an account out of credit. Raises
+    GaveUp, naming the last error, when the args.max_retries retries failed too."""
     for attempt in itertools.count():
         wait = None
         try:
             return await call()
         except openai.APIStatusError as e:
+            message = (e.body.get("message") if isinstance(e.body, dict) else None) or e.message
             if e.status_code == 401:
                 raise FatalError(f"the API rejected the key (401 Unauthorized): set OPENAI_API_KEY to a valid key"
                                  f" for {args.base_url or 'the OpenAI API'}") from None
-            if e.status_code < 500 and e.status_code not in (408, 409, 429):
-                raise FatalError(f"the API refused the request ({e.status_code}): {e.message}; check --model,"
-                                 f" --base_url and the other settings") from None
-            reason, wait = str(e.status_code), retry_after(e.response.headers)
+            if e.code == "insufficient_quota":  # a 429 that no wait cures
+                raise FatalError(f"the account has no quota left (429 insufficient_quota): {message}") from None
+            if e.status_code < 500 and e.status_code not in RETRIED_4XX:
+                raise refusal(e.status_code, message) from None
+            reason, error, wait = str(e.status_code), f"{e.status_code} {message}", retry_after(e.response.headers)
         except openai.APITimeoutError:
-            reason = "timeout"
-        except openai.APIConnectionError:
-            reason = "connection"
+            reason, error = "timeout", f"no answer in {args.timeout:g} s"
+        except openai.APIConnectionError as e:
+            reason, error = "connection", f"no connection ({e.__cause__ or e})"
         except ValueError:  # a 200 whose body is not a chat completion
-            reason = "bad_answer"
+            reason, error = "bad_answer", "an answer that is not a chat completion"
         if attempt == args.max_retries:
-            stats["gave up"] += 1
-            return None
+            raise GaveUp(f"{attempt + 1} {'try' if attempt == 0 else 'tries'} failed, the last with {error}: check that"
+                         f" {args.base_url or 'the OpenAI API'} answers, then run the same command again")
         stats[f"retry {reason}"] += 1
-        await asyncio.sleep(wait if wait is not None else
+        # a server's wait within reason, spread so that the requests it stopped do not all come back at once
+        await asyncio.sleep(min(wait, MAX_BACKOFF) * random.uniform(1.0, 1.2) if wait is not None else
                             random.uniform(0.5, 1.0) * min(MAX_BACKOFF, args.backoff * 2 ** attempt))
 
 
 class RateLimiter:
-    """Requests and tokens per minute as two buckets that refill continuously; a limit of 0 is none."""
+    """Requests and tokens per minute as two buckets that refill continuously; a limit of 0 is none.
+    A request waits until its bucket holds what it needs (at most a full bucket), then takes all it
+    needs: a request larger than a second's worth leaves the level below zero, and those after it wait
+    until that is paid back."""
 
     def __init__(self, rpm, tpm):
         self.rate = [rpm / 60, tpm / 60]  # per second
@@ -472,8 +512,9 @@ class RateLimiter:
             now = time.monotonic()
             self.level = [min(c, lv + r * (now - self.time)) for c, lv, r in zip(self.capacity, self.level, self.rate)]
             self.time = now
-            need = [1.0, min(tokens, self.capacity[1])]
-            waits = [(n - lv) / r for n, lv, r in zip(need, self.level, self.rate) if r and lv < n]
+            need = [1.0, tokens]
+            ready = [min(n, c) for n, c in zip(need, self.capacity)]
+            waits = [(n - lv) / r for n, lv, r in zip(ready, self.level, self.rate) if r and lv < n]
             if not waits:
                 self.level = [lv - n for n, lv in zip(need, self.level)]
                 return
@@ -485,13 +526,20 @@ class RateLimiter:
 
 
 def request_body(args, prompt):
+    # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse max_tokens and want max_completion_tokens;
+    # other servers (older llama.cpp, some proxies) know only max_tokens, so only those models get the new name
+    max_key = "max_completion_tokens" if re.match(r"gpt-5|o\d", args.model) else "max_tokens"
     return {"model": args.model, "messages": [{"role": "user", "content": prompt}],
-            "max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+            max_key: args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
 
 
 def expected_tokens(prompt, labels, args):
-    """A request's tokens before it is sent, for the rate limiter: ~4 characters a token in."""
-    return len(prompt) // 4 + args.stories_per_prompt * labels["num_paragraphs"] * TOKENS_PER_PARAGRAPH
+    """A request's tokens before it is sent, for the rate limiter: ~4 characters a token in, and the answer's
+    likely length out. OpenAI's limiter counts max_tokens out instead; counting it here would hold a run far
+    below --tpm where max_tokens is a loose cap (4096 against ~1000), and the 429s that may come of the
+    difference wait as the server asks. The limiter is settled with the real usage once the answer is in."""
+    out = args.stories_per_prompt * labels["num_paragraphs"] * TOKENS_PER_PARAGRAPH
+    return len(prompt) // 4 + min(args.max_tokens, out)
 
 
 class Progress:
@@ -509,9 +557,9 @@ class Progress:
         keep = max(0, self.args.target - self.out.count)
         self.stats["surplus"] += max(0, len(records) - keep)
         self.out.write(records[:keep])
-        usage = body.get("usage") or {}
-        self.stats["prompt_tokens"] += usage.get("prompt_tokens", 0)
-        self.stats["completion_tokens"] += usage.get("completion_tokens", 0)
+        prompt_tokens, completion_tokens = token_counts(body)
+        self.stats["prompt_tokens"] += prompt_tokens
+        self.stats["completion_tokens"] += completion_tokens
         self.stats["completions"] += 1
         self.bar.update(len(records[:keep]))
         tokens = self.stats["prompt_tokens"] + self.stats["completion_tokens"]
@@ -529,6 +577,9 @@ async def run_live(client, args, axes, names, out, progress):
     prompts = iter_prompts(axes, names, args, skip=out.prompt_ids)
     limiter = RateLimiter(args.rpm, args.tpm)
     in_flight, fatal = 0, False
+    # a server that is down or refuses everything would have a run skip prompts forever; all those in flight
+    # give up together, so the count of prompts that may give up in a row is at least --concurrency
+    give_ups, max_give_ups = 0, max(args.concurrency, MIN_GIVE_UPS)
     changed = asyncio.Condition()
 
     def finished():
@@ -538,6 +589,7 @@ async def run_live(client, args, axes, names, out, progress):
         return out.count + in_flight * args.stories_per_prompt < args.target
 
     async def one(k, labels, prompt):
+        nonlocal give_ups
         expected = expected_tokens(prompt, labels, args)
 
         async def call():
@@ -550,12 +602,18 @@ async def run_live(client, args, axes, names, out, progress):
             parse_completion(body)  # a malformed answer raises here, inside the retry loop
             return body
 
-        body = await with_retries(call, args, progress.stats)
-        if body is not None:
-            usage = body.get("usage") or {}
-            limiter.refund(expected - usage.get("prompt_tokens", 0) - usage.get("completion_tokens", 0))
-            progress.add(k, labels, prompt, body)
-            await out.sync()
+        try:
+            body = await with_retries(call, args, progress.stats)
+        except GaveUp as e:  # the prompt is left for a later run
+            progress.stats["gave up"] += 1
+            give_ups += 1
+            if give_ups >= max_give_ups:
+                raise FatalError(f"{max_give_ups} prompts in a row got no answer: {e}") from None
+            return
+        give_ups = 0
+        limiter.refund(expected - sum(token_counts(body)))
+        progress.add(k, labels, prompt, body)
+        await out.sync()
 
     async def worker():
         nonlocal in_flight, fatal
@@ -589,20 +647,38 @@ async def run_live(client, args, axes, names, out, progress):
 # Batch API
 
 
+def fingerprint(args):
+    """What makes the prompts and the request bodies: the answers to batches sent with other values would be
+    labelled with the wrong prompts."""
+    with open(args.axes, "rb") as f:
+        axes_sha256 = hashlib.sha256(f.read()).hexdigest()
+    return {"seed": args.seed, "axes_sha256": axes_sha256, "stories_per_prompt": args.stories_per_prompt,
+            "model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "top_p": args.top_p, "shard": args.shard}
+
+
 async def run_batch(client, args, axes, names, out, progress):
     """Submit request files to the Batch API, several in flight, poll them, parse what comes back into
     the same output and resubmit the requests that failed. The batches in flight are kept in a state
-    file beside the output, so a restarted command polls them again instead of paying twice."""
+    file beside the output, with the arguments that made them, so a restarted command polls them again
+    instead of paying twice."""
     state_path = args.out + ".batches.json"
+    made_with = fingerprint(args)
     in_flight = []  # {"input_file_id", "batch_id", "prompt_ids"} for each batch not yet parsed
     if os.path.exists(state_path):
-        with open(state_path) as f:
-            in_flight = json.load(f)["batches"]
+        try:
+            with open(state_path) as f:
+                state = json.load(f)
+            in_flight, other = state["batches"], [key for key, v in made_with.items() if state["args"][key] != v]
+        except (ValueError, KeyError, TypeError) as e:
+            raise FatalError(f"{state_path} is damaged ({e!r}): restore it, or use another --out") from None
+        if other:
+            raise FatalError(f"{state_path} lists batches sent with another {', '.join(other)}: use the same"
+                             f" arguments, or another --out")
 
     def save():  # atomically: a crash leaves the old state or the new one
-        os.makedirs(os.path.dirname(os.path.abspath(state_path)), exist_ok=True)
         with open(state_path + ".tmp", "w") as f:
-            json.dump({"batches": in_flight}, f)
+            json.dump({"args": made_with, "batches": in_flight}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(state_path + ".tmp", state_path)
@@ -611,16 +687,14 @@ async def run_batch(client, args, axes, names, out, progress):
         batch = await with_retries(lambda: client.batches.create(
             input_file_id=entry["input_file_id"], endpoint="/v1/chat/completions", completion_window="24h"),
             args, progress.stats)
-        if batch is None:
-            raise FatalError("could not create a batch; run the same command again later")
         entry["batch_id"] = batch.id
         progress.stats["batches"] += 1
         save()
 
     for entry in in_flight:
-        if entry["batch_id"] is None:  # killed between upload and saving the batch's id: it may exist already
+        if entry["batch_id"] is None:  # stopped between upload and saving the batch's id: it may exist already
             recent = await with_retries(lambda: client.batches.list(limit=100), args, progress.stats)
-            found = [b.id for b in (recent.data if recent else []) if b.input_file_id == entry["input_file_id"]]
+            found = [b.id for b in recent.data if b.input_file_id == entry["input_file_id"]]
             if found:
                 entry["batch_id"] = found[0]
                 save()
@@ -630,11 +704,13 @@ async def run_batch(client, args, axes, names, out, progress):
     submitted = {k for entry in in_flight for k in entry["prompt_ids"]}
     prompts = iter_prompts(axes, names, args, skip=out.prompt_ids | submitted)
     resubmit, tries = [], Counter()  # prompts whose request failed, and how often
+    failures = Counter()  # batches failed in a row, by error code
+    max_in_flight, hold_until = args.batches_in_flight, 0.0
     delay = min(1.0, args.poll_interval)
     while out.count < args.target:
         pending = sum(len(entry["prompt_ids"]) for entry in in_flight)
         need = math.ceil((args.target - out.count) / args.stories_per_prompt) - pending
-        if need > 0 and len(in_flight) < args.batches_in_flight:
+        if need > 0 and len(in_flight) < max_in_flight and time.monotonic() >= hold_until:
             lines, ids, size = [], [], 0
             while len(ids) < min(need, args.batch_size):
                 k, labels, prompt = next(prompts_for(axes, names, args, [resubmit.pop(0)]) if resubmit else prompts)
@@ -648,8 +724,6 @@ async def run_batch(client, args, axes, names, out, progress):
                 size += len(line)
             file = await with_retries(lambda: client.files.create(file=("requests.jsonl", b"".join(lines)),
                                                                   purpose="batch"), args, progress.stats)
-            if file is None:
-                raise FatalError("could not upload a batch request file; run the same command again later")
             progress.stats["requests"] += len(ids)
             in_flight.append({"input_file_id": file.id, "batch_id": None, "prompt_ids": ids})
             save()
@@ -659,24 +733,45 @@ async def run_batch(client, args, axes, names, out, progress):
         delay = min(2 * delay, args.poll_interval)
         for entry in list(in_flight):
             batch = await with_retries(lambda: client.batches.retrieve(entry["batch_id"]), args, progress.stats)
-            if batch is None or batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
+            if batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
                 continue
-            if batch.status == "failed":  # the whole file was refused: resubmitting would not help
-                errors = "; ".join(e.message or "" for e in ((batch.errors.data or []) if batch.errors else []))
-                raise FatalError(f"batch {batch.id} failed: {errors or 'no reason given'}")
-            answers = {}  # completed, expired or cancelled: take what came back, resubmit the rest
+            todo = sorted(k for k in entry["prompt_ids"] if k not in out.prompt_ids)  # not written before a crash
+            if batch.status == "failed":  # refused as a whole, nothing done or billed: submit its requests again
+                error = (batch.errors.data or [None])[0] if batch.errors else None
+                code = getattr(error, "code", None) or "unknown"
+                in_flight.remove(entry)
+                save()
+                resubmit += todo
+                progress.stats["batches failed"] += 1
+                if code == "token_limit_exceeded" and in_flight:  # the batches in the queue fill it: wait for one
+                    max_in_flight = len(in_flight)
+                else:
+                    failures[code] += 1
+                if failures[code] == MAX_BATCH_FAILURES:
+                    raise FatalError(f"{MAX_BATCH_FAILURES} batches in a row failed ({code}:"
+                                     f" {getattr(error, 'message', None) or 'no reason given'}); run the same command"
+                                     f" again later, it polls the batches still in flight, listed in {state_path}")
+                if code == "token_limit_exceeded":  # the organisation's queue of batch tokens is full: go smaller
+                    args.batch_size = max(1, args.batch_size // 2)
+                hold_until = time.monotonic() + args.poll_interval
+                continue
+            answers, refused = {}, None  # completed, expired or cancelled: take what came back, resubmit the rest
             for file_id in (batch.output_file_id, batch.error_file_id):
                 if not file_id:
                     continue
                 content = await with_retries(lambda: client.files.content(file_id), args, progress.stats)
-                if content is None:
-                    raise FatalError(f"could not download {file_id} of batch {batch.id}; run the same command again")
                 for line in content.content.splitlines():
-                    result = json.loads(line)
-                    response = result.get("response") or {}
-                    if response.get("status_code") == 200:
-                        answers[int(result["custom_id"].removeprefix("prompt-"))] = response["body"]
-            todo = sorted(k for k in entry["prompt_ids"] if k not in out.prompt_ids)  # not written before a crash
+                    try:
+                        result = json.loads(line)
+                        k = int(result["custom_id"].removeprefix("prompt-"))
+                        response = result.get("response") or {}  # null for a request the batch never ran
+                        status, body = response.get("status_code"), response.get("body")
+                        if status == 200:
+                            answers[k] = body
+                        elif status is not None and 400 <= status < 500 and status not in RETRIED_4XX:
+                            refused = refusal(status, ((body or {}).get("error") or {}).get("message"))
+                    except (ValueError, KeyError, TypeError, AttributeError):  # its request has no answer: failed
+                        progress.stats["batch lines unreadable"] += 1
             for k, labels, prompt in prompts_for(axes, names, args, todo):
                 try:
                     progress.add(k, labels, prompt, answers[k])
@@ -688,10 +783,19 @@ async def run_batch(client, args, axes, names, out, progress):
             await out.sync()
             in_flight.remove(entry)
             save()
+            if refused:  # the same request would be refused again: stop, as a live run does
+                raise refused
+            if batch.status != "completed":
+                progress.stats[f"batches {batch.status}"] += 1
+            failures.clear()
             delay = min(1.0, args.poll_interval)
-    if in_flight:
-        print(f"note: {len(in_flight)} batches are no longer needed; they stay listed in {state_path}", file=sys.stderr)
-    elif os.path.exists(state_path):
+    for entry in in_flight:  # no longer needed (a rerun with a smaller --n_stories): stop paying for them
+        try:
+            await with_retries(lambda: client.batches.cancel(entry["batch_id"]), args, progress.stats)
+            progress.stats["batches cancelled"] += 1
+        except FatalError as e:
+            print(f"note: could not cancel batch {entry['batch_id']}, no longer needed: {e}", file=sys.stderr)
+    if os.path.exists(state_path):
         os.remove(state_path)
 
 # -----------------------------------------------------------------------------
@@ -815,6 +919,7 @@ def main(argv=None):
     out = Output(args.out, args, axes, names)
     if out.count >= args.target:
         print(f"{args.out} holds {out.count:,} stories, {args.target:,} asked for: nothing to do")
+        out.close()
         return
     progress = Progress(args, out)
 
@@ -840,7 +945,8 @@ def main(argv=None):
           f" in {dt:.1f} s, {(out.count - start_count) / dt:.1f} stories/s")
     print(f"requests: {s['completions']:,} answered of {s['requests']:,} sent"
           + (f" in {s['batches']} batches" if args.batch else "")
-          + "".join(f", {key} {v:,}" for key, v in sorted(s.items()) if key.startswith(("retry", "gave", "batch "))))
+          + "".join(f", {key} {v:,}" for key, v in sorted(s.items())
+                    if key.startswith(("retry", "gave", "batch ", "batches "))))
     cost = f", ${progress.cost():,.2f}" if progress.price else ""
     print(f"tokens: {s['prompt_tokens']:,} in, {s['completion_tokens']:,} out{cost}")
     print("removed: " + (", ".join(f"{k} {v:,}" for k, v in sorted(progress.removed.items())) or "none")

@@ -3,14 +3,16 @@ A local OpenAI-compatible HTTP server for the tests and benchmarks of generate_s
 
 It speaks the parts of the API that generate_stories.py uses, through the real `openai` client:
     POST /v1/chat/completions, POST /v1/files, GET /v1/files/{id}, GET /v1/files/{id}/content,
-    POST /v1/batches, GET /v1/batches, GET /v1/batches/{id}
+    POST /v1/batches, GET /v1/batches, GET /v1/batches/{id}, POST /v1/batches/{id}/cancel
 and writes plausible simple stories, deterministically from the prompt: as many as it asks for
 ("Write 4 short stories" / "Write a short story"), each with the paragraph count it asks for,
 separated by the marker line it names. `max_tokens` is honoured (4 characters a token): an answer
-that does not fit is cut, with finish_reason "length", as a real server does.
+that does not fit is cut, with finish_reason "length", as a real server does. Like OpenAI, it refuses
+`max_tokens` (400) for the models that want `max_completion_tokens` (gpt-5*, o1, o3, o4-mini...).
 
 Faults, injected at random with probability `fault_rate` or queued with `inject(kind, n)`:
-    429         rate limited, asking to wait `retry_after` seconds (retry-after-ms and Retry-After headers)
+    429         rate limited, asking to wait `retry_after` seconds (retry-after-ms and Retry-After headers,
+                or, with retry_after_ms=False, Retry-After alone in whole seconds, as most other servers)
     500         internal server error
     stall       answers only after `stall` seconds, past the client's timeout
     disconnect  closes the connection without answering
@@ -18,8 +20,18 @@ Faults, injected at random with probability `fault_rate` or queued with `inject(
     truncated   the last story cut off mid-sentence, finish_reason "length"
     fewer       one story fewer than asked for
     merged      the stories without separator lines
-In a batch, a request fails with probability `batch_fault_rate`: alternately an error-file line
-and a request that is missing from the output, as in an expired batch.
+and, only when queued, answers that end a run: 400 and 403, and quota (429 insufficient_quota).
+
+A batch goes through validating, in_progress and finalizing to completed in `batch_delay` seconds.
+In it, a request fails with probability `batch_fault_rate`: alternately an error-file line and a
+request that is missing from the output. Faults of a whole batch, queued with `inject_batch(kind, n)`
+and taken by the batches created next, one each:
+    failed      fails in validation with token_limit_exceeded, as when the organisation's queue is full
+    expired     the completion window ends with half of the requests done, the rest batch_expired
+    garbled     a line of the output file is cut short, not JSON
+    refused     one request answered 400 in the error file
+    slow        takes 100 times batch_delay
+    timeout     is created, but the answer comes after `stall` seconds, past the client's timeout
 
 In a test:
     with OpenAIServer(latency=0.01, fault_rate=0.2) as server:
@@ -41,10 +53,19 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ("429", "500", "stall", "disconnect", "malformed", "truncated", "fewer", "merged")
+FATAL_FAULTS = ("400", "403", "quota")
+BATCH_FAULTS = ("failed", "expired", "garbled", "refused", "slow", "timeout")
+ERRORS = {  # status, and the error object of the answer
+    "400": (400, {"message": "Invalid value for 'temperature'.", "type": "invalid_request_error", "code": None}),
+    "403": (403, {"message": "Project does not have access to model.", "type": "invalid_request_error",
+                  "code": "model_not_found"}),
+    "quota": (429, {"message": "You exceeded your current quota, please check your plan and billing details.",
+                    "type": "insufficient_quota", "code": "insufficient_quota"}),
+}
 
 # the prompt wording these parse is generate_stories.py's; the defaults cover anything else
 N_STORIES_RE = re.compile(r"Write (\d+) short stories")
-N_PARAGRAPHS_RE = re.compile(r"(\d+) paragraphs?")
+N_PARAGRAPHS_RE = re.compile(r"exactly (\d+|one) paragraph")
 SEPARATOR_RE = re.compile(r'line with only "([^"]+)"')
 
 SUBJECTS = ["Mia", "Leo", "Ava", "Sam", "Lily", "Max", "Zoe", "Ben", "The cat", "The dog",
@@ -73,14 +94,15 @@ def story_text(prompt, index, n_paragraphs):
 class OpenAIServer:
     """The server's state, and the server itself in a background thread (a context manager)."""
 
-    def __init__(self, latency=0.0, fault_rate=0.0, faults=FAULTS, stall=2.0, retry_after=0.05,
+    def __init__(self, latency=0.0, fault_rate=0.0, faults=FAULTS, stall=2.0, retry_after=0.05, retry_after_ms=True,
                  api_key="sk-test-key", batch_delay=0.2, batch_fault_rate=0.0, seed=0, port=0):
         self.latency, self.fault_rate, self.faults, self.stall = latency, fault_rate, list(faults), stall
-        self.retry_after = retry_after
+        self.retry_after, self.retry_after_ms = retry_after, retry_after_ms
         self.api_key, self.batch_delay, self.batch_fault_rate = api_key, batch_delay, batch_fault_rate
         self.rng = random.Random(seed)
         self.lock, self.batch_lock = threading.Lock(), threading.Lock()
         self.queued = []  # faults from inject(), served before the random ones
+        self.queued_batch = []  # faults from inject_batch(), one for each batch created
         self.stats = Counter()  # requests by endpoint, faults by kind
         self.files, self.batches = {}, {}
         self.log = []  # (time, path, status) of each request, for tests of the client's timing
@@ -89,7 +111,8 @@ class OpenAIServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
 
     def __enter__(self):
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # polled for shutdown every 0.05 s, not the default 0.5 s that each test would wait at its end
+        threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True).start()
         return self
 
     def __exit__(self, *exc):
@@ -97,9 +120,14 @@ class OpenAIServer:
         self.httpd.server_close()
 
     def inject(self, kind, n=1):
-        assert kind in FAULTS, kind
+        assert kind in FAULTS + FATAL_FAULTS, kind
         with self.lock:
             self.queued += [kind] * n
+
+    def inject_batch(self, kind, n=1):
+        assert kind in BATCH_FAULTS, kind
+        with self.lock:
+            self.queued_batch += [kind] * n
 
     def next_fault(self):
         with self.lock:
@@ -119,13 +147,22 @@ class OpenAIServer:
 
     # chat completions
 
+    @staticmethod
+    def refusal(body):
+        """The (status, error) with which OpenAI refuses a request body, or None."""
+        if re.match(r"gpt-5|o\d", body.get("model", "")) and "max_tokens" in body:
+            return 400, {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use"
+                                    " 'max_completion_tokens' instead.", "type": "invalid_request_error",
+                         "param": "max_tokens", "code": "unsupported_parameter"}
+        return None
+
     def completion(self, body, fault=None):
         """A chat completion object for a request body; faults that change the answer applied."""
         prompt = body["messages"][-1]["content"]
         m = N_STORIES_RE.search(prompt)
         n_stories = int(m.group(1)) if m else 1
         m = N_PARAGRAPHS_RE.search(prompt)
-        n_paragraphs = int(m.group(1)) if m else 3
+        n_paragraphs = (1 if m.group(1) == "one" else int(m.group(1))) if m else 3
         m = SEPARATOR_RE.search(prompt)
         separator = m.group(1) if m else "###"
         stories = [story_text(prompt, i, n_paragraphs) for i in range(n_stories)]
@@ -150,34 +187,59 @@ class OpenAIServer:
     # batches
 
     def batch_object(self, batch):
+        """The batch as it is now: validating, in progress, finalizing, then done after batch_delay."""
         with self.batch_lock:
-            if batch["status"] == "in_progress" and time.time() - batch["created_at"] > self.batch_delay:
-                self.run_batch(batch)
-        return batch
+            age = (time.time() - batch["created_at"]) / (self.batch_delay * (100 if batch["fault"] == "slow" else 1))
+            if batch["status"] == "cancelling":
+                batch["status"], batch["cancelled_at"] = "cancelled", int(time.time())
+            elif batch["status"] in ("validating", "in_progress", "finalizing"):
+                if batch["fault"] == "failed" and age >= 1 / 3:
+                    batch["status"], batch["failed_at"] = "failed", int(time.time())
+                    batch["errors"] = {"object": "list", "data": [{
+                        "code": "token_limit_exceeded", "line": None, "param": None,
+                        "message": "Enqueued token limit reached for gpt-4o-mini in organization org-test. Limit:"
+                                   " 2,000,000 enqueued tokens. Please try submitting fewer tasks or try again"
+                                   " later."}]}
+                elif age >= 1:
+                    self.run_batch(batch)
+                else:
+                    batch["status"] = ("validating", "in_progress", "finalizing")[int(3 * age)]
+            return {k: v for k, v in batch.items() if k != "fault"}
 
     def run_batch(self, batch):
         output, errors = [], []
-        for line in self.files[batch["input_file_id"]]["content"].splitlines():
-            request = json.loads(line)
+        requests = [json.loads(line) for line in self.files[batch["input_file_id"]]["content"].splitlines()]
+        for i, request in enumerate(requests):
             with self.lock:
                 failed = self.rng.random() < self.batch_fault_rate
-            if failed:
+            refusal = self.refusal(request["body"]) or (ERRORS["400"] if batch["fault"] == "refused" and i == 0
+                                                        else None)
+            if batch["fault"] == "expired" and i >= len(requests) // 2:
+                errors.append({"id": self.new_id("batch_req"), "custom_id": request["custom_id"], "response": None,
+                               "error": {"code": "batch_expired", "message": "This request could not be executed"
+                                                                          " before the completion window expired."}})
+            elif refusal:
+                errors.append({"id": self.new_id("batch_req"), "custom_id": request["custom_id"],
+                               "response": {"status_code": refusal[0], "body": {"error": refusal[1]}}, "error": None})
+            elif failed:
                 if self.count("batch_faults") % 2:
                     errors.append({"id": self.new_id("batch_req"), "custom_id": request["custom_id"],
                                    "response": {"status_code": 500, "body": {"error": {"message": "server error"}}},
                                    "error": None})
-                continue
-            output.append({"id": self.new_id("batch_req"), "custom_id": request["custom_id"],
-                           "response": {"status_code": 200, "request_id": self.new_id("req"),
-                                        "body": self.completion(request["body"])},
-                           "error": None})
-        for key, lines in (("output_file_id", output), ("error_file_id", errors)):
+            else:
+                output.append({"id": self.new_id("batch_req"), "custom_id": request["custom_id"],
+                               "response": {"status_code": 200, "request_id": self.new_id("req"),
+                                            "body": self.completion(request["body"])},
+                               "error": None})
+        output = [json.dumps(x) + "\n" for x in output]
+        if batch["fault"] == "garbled" and output:
+            output[0] = output[0][:40] + "\n"
+        for key, lines in (("output_file_id", output), ("error_file_id", [json.dumps(x) + "\n" for x in errors])):
             if lines:
-                content = "".join(json.dumps(x) + "\n" for x in lines).encode()
-                batch[key] = self.add_file(content, "batch_output", f"{batch['id']}_{key}.jsonl")["id"]
-        batch["request_counts"] = {"total": len(output) + len(errors), "completed": len(output),
-                                   "failed": len(errors)}
-        batch["status"], batch["completed_at"] = "completed", int(time.time())
+                batch[key] = self.add_file("".join(lines).encode(), "batch_output", f"{batch['id']}_{key}.jsonl")["id"]
+        batch["request_counts"] = {"total": len(requests), "completed": len(output), "failed": len(errors)}
+        batch["status"] = "expired" if batch["fault"] == "expired" else "completed"
+        batch[f"{batch['status']}_at"] = int(time.time())
 
     def add_file(self, content, purpose, filename):
         file = {"id": self.new_id("file"), "object": "file", "bytes": len(content), "created_at": int(time.time()),
@@ -196,19 +258,26 @@ class OpenAIServer:
             self.count("chat")
             if self.latency:
                 time.sleep(self.latency)
+            request = json.loads(body)
+            refusal = self.refusal(request)
+            if refusal:
+                return refusal[0], {"error": refusal[1]}, {}
             fault = self.next_fault()
             if fault:
                 self.count(fault)
+            if fault in ERRORS:
+                return ERRORS[fault][0], {"error": ERRORS[fault][1]}, {}
             if fault == "429":
-                wait = {"retry-after-ms": str(round(self.retry_after * 1000)),
-                        "Retry-After": str(math.ceil(self.retry_after))}
+                wait = {"Retry-After": str(math.ceil(self.retry_after))}
+                if self.retry_after_ms:
+                    wait["retry-after-ms"] = str(round(self.retry_after * 1000))
                 return 429, {"error": {"message": "Rate limit reached.", "type": "requests",
                                        "code": "rate_limit_exceeded"}}, wait
             if fault == "500":
                 return 500, {"error": {"message": "The server had an error.", "type": "server_error"}}, {}
             if fault in ("stall", "disconnect", "malformed"):
                 return fault, None, {}
-            return 200, self.completion(json.loads(body), fault), {}
+            return 200, self.completion(request, fault), {}
         if method == "POST" and path == "/v1/files":
             fields = parse_multipart(headers.get("Content-Type", ""), body)
             return 200, self.add_file(fields["file"][1], fields["purpose"][1].decode(), fields["file"][0]), {}
@@ -222,19 +291,31 @@ class OpenAIServer:
             request = json.loads(body)
             if request.get("input_file_id") not in self.files:
                 return 400, {"error": {"message": "No such input file.", "type": "invalid_request_error"}}, {}
+            with self.lock:
+                fault = self.queued_batch.pop(0) if self.queued_batch else None
             batch = {"id": self.new_id("batch"), "object": "batch", "endpoint": request["endpoint"],
                      "input_file_id": request["input_file_id"], "completion_window": request["completion_window"],
-                     "status": "in_progress", "created_at": time.time(), "output_file_id": None,
-                     "error_file_id": None, "metadata": request.get("metadata")}
+                     "status": "validating", "created_at": time.time(), "output_file_id": None,
+                     "error_file_id": None, "metadata": request.get("metadata"), "fault": fault}
             self.batches[batch["id"]] = batch
             self.count("batches")
+            if fault == "timeout":
+                time.sleep(self.stall)
             return 200, self.batch_object(batch), {}
         if method == "GET" and path == "/v1/batches":
             data = [self.batch_object(b) for b in reversed(list(self.batches.values()))]
             return 200, {"object": "list", "data": data, "has_more": False}, {}
-        m = re.fullmatch(r"/v1/batches/([\w-]+)", path)
-        if method == "GET" and m and m.group(1) in self.batches:
-            return 200, self.batch_object(self.batches[m.group(1)]), {}
+        m = re.fullmatch(r"/v1/batches/([\w-]+)(/cancel)?", path)
+        if m and m.group(1) in self.batches and (method, bool(m.group(2))) in (("GET", False), ("POST", True)):
+            batch = self.batches[m.group(1)]
+            if m.group(2):
+                with self.batch_lock:
+                    if batch["status"] not in ("validating", "in_progress", "finalizing"):
+                        return 400, {"error": {"message": f"Cannot cancel a batch with status {batch['status']}.",
+                                               "type": "invalid_request_error"}}, {}
+                    batch["status"] = "cancelling"
+                    return 200, {k: v for k, v in batch.items() if k != "fault"}, {}
+            return 200, self.batch_object(batch), {}
         return 404, {"error": {"message": f"No route {method} {path}.", "type": "invalid_request_error"}}, {}
 
 

@@ -8,6 +8,7 @@ unique ids, labels equal to the prompt's, nothing lost or doubled by a crash, th
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,7 +147,30 @@ def test_one_story_prompt_is_worded_for_one_story():
     for text in (one, several):
         assert labels["theme"] in text and labels["topic"] in text and labels["feature"] in text
         assert f'letter "{labels["initial_letter"]}"' in text
-        assert f"exactly {labels['num_paragraphs']} paragraph" in text
+        assert f"exactly {labels['num_paragraphs']} paragraphs, separated by a blank line." in text
+    assert "- Write exactly one paragraph.\n" in gs.prompt_text({**labels, "num_paragraphs": 1}, names, 1)
+
+
+def forked_axes(tmp_path, **changes):
+    """The path of a copy of axes.json with some keys changed, as a fork would have it."""
+    with open(os.path.join(ROOT, "axes.json")) as f:
+        raw = json.load(f)
+    path = tmp_path / "axes.json"
+    path.write_text(json.dumps({**raw, **changes}))
+    return str(path)
+
+
+def test_paragraph_counts_may_be_weighted_and_must_be_whole_numbers(tmp_path, capsys):
+    axes = forked_axes(tmp_path, num_paragraphs={"1": 1, "2": 2, "3": 1})  # a dict's keys are strings
+    gs.main(["--dry_run", "--n_stories=400", "--n_examples=1", f"--axes={axes}"])
+    assert "num_paragraphs (3 values): 1 " in capsys.readouterr().out
+    fork_axes, fork_names = gs.load_axes(axes)
+    labels, _ = gs.prompt_at(fork_axes, fork_names, gs.sample_prompts(fork_axes, fork_names, 0, [0]), 0)
+    assert labels["num_paragraphs"] in (1, 2, 3) and type(labels["num_paragraphs"]) is int
+    for bad in ({"0": 1, "2": 1}, ["two", 3], [1.5]):
+        with pytest.raises(SystemExit, match=r"^error: 'num_paragraphs' in .* whole numbers >= 1") as e:
+            gs.load_axes(forked_axes(tmp_path, num_paragraphs=bad))
+        assert "\n" not in str(e.value)
 
 # -----------------------------------------------------------------------------
 # cleaning
@@ -192,6 +216,8 @@ def test_make_records_drops_unfinished_runtogether_and_duplicate_stories(tmp_pat
     assert [r["story"] for r in got] == stories and not removed and got[0]["theme"] == labels["theme"]
     got, removed = records("\n###\n".join(stories)[:-40], "length")  # cut at max_tokens
     assert [r["story"] for r in got] == stories[:2] and removed == {"truncated": 1}
+    got, removed = records("\n###\n".join(stories)[:-40], "content_filter")  # cut by a moderation filter
+    assert [r["story"] for r in got] == stories[:2] and removed == {"content_filter": 1}
     got, removed = records("\n\n".join(stories))  # the separator forgotten
     assert got == [] and removed == {"separator_failed": 1}
     got, removed = records(f"{stories[0]}\n###\n{stories[0].upper()}\n###\n{stories[1]}")
@@ -200,6 +226,18 @@ def test_make_records_drops_unfinished_runtogether_and_duplicate_stories(tmp_pat
     out.write(got)  # a story written before is a duplicate in any later completion
     got, removed = records(f"{stories[2]}\n###\n{stories[1]}")
     assert [r["story"] for r in got] == [stories[2]] and removed == {"duplicate": 1}
+
+
+def test_usage_left_out_or_null_counts_as_zero_tokens(tmp_path):
+    args = args_for("--stories_per_prompt=1", "--n_stories=10")
+    labels, _ = gs.prompt_at(AXES, NAMES, gs.sample_prompts(AXES, NAMES, 0, [0]), 0)
+    labels["num_paragraphs"] = 1
+    progress = gs.Progress(args, gs.Output(tmp_path / "stories.jsonl", args, AXES, NAMES))
+    for i, usage in enumerate(({"prompt_tokens": None, "completion_tokens": None}, None)):
+        progress.add(i, labels, "p", {**completion(f"{PARAGRAPH} {PARAGRAPH} Story {i}."), "usage": usage})
+    progress.bar.close()
+    assert progress.stats["completions"] == 2 and progress.stats["prompt_tokens"] == 0
+    assert [r["prompt_tokens"] for r in read(tmp_path / "stories.jsonl")] == [0, 0]
 
 # -----------------------------------------------------------------------------
 # live runs against the local server
@@ -270,12 +308,30 @@ def test_shards_together_make_the_whole_job(monkeypatch, tmp_path, server):
     assert len(records) == 100 and len({r["id"] for r in records}) == 100
 
 
-def test_retry_after_is_honoured(monkeypatch, tmp_path):
-    with OpenAIServer(retry_after=0.3, api_key=KEY) as server:
+@pytest.mark.parametrize("retry_after, retry_after_ms, max_backoff, wait", [
+    (0.3, True, 60, 0.3),  # OpenAI's retry-after-ms
+    (0.3, False, 60, 1.0),  # Retry-After alone, in whole seconds, as most other servers send it
+    (100, True, 0.4, 0.4),  # a wait longer than MAX_BACKOFF is cut to it
+])
+def test_retry_after_is_honoured(monkeypatch, tmp_path, retry_after, retry_after_ms, max_backoff, wait):
+    monkeypatch.setattr(gs, "MAX_BACKOFF", max_backoff)
+    with OpenAIServer(retry_after=retry_after, retry_after_ms=retry_after_ms, api_key=KEY) as server:
         server.inject("429")
         generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=4", "--backoff=0.001")
         times = [t for t, path, _ in server.log if path.endswith("/chat/completions")]
-    assert len(times) == 2 and times[1] - times[0] >= 0.3
+    assert len(times) == 2 and wait <= times[1] - times[0] < 1.2 * wait + 0.5  # and up to 20% more, as jitter
+
+
+def test_tokens_per_minute_limit_holds_for_requests_larger_than_a_seconds_worth(monkeypatch, tmp_path):
+    axes = forked_axes(tmp_path, num_paragraphs=[1])  # requests of ~170 tokens, the limit 100 a second
+    with OpenAIServer(api_key=KEY) as server:
+        generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=2", "--stories_per_prompt=1",
+                 "--tpm=6000", f"--axes={axes}", "--min_words=1")
+        times = [t for t, path, _ in server.log if path.endswith("/chat/completions")]
+    first = min(read(tmp_path / "stories.jsonl"), key=lambda r: int(r["completion_id"].split("-")[1]))
+    # the second request waits until the first one's tokens are paid back at --tpm
+    tokens_per_minute = (first["prompt_tokens"] + first["completion_tokens"]) / (times[1] - times[0]) * 60
+    assert len(times) == 2 and 0.7 * 6000 < tokens_per_minute < 1.2 * 6000
 
 
 def test_requests_per_minute_limit(monkeypatch, tmp_path, server):
@@ -300,6 +356,52 @@ def test_not_found_is_not_retried(monkeypatch, tmp_path, server):
         gs.main([f"--base_url={server.url}/nope", f"--out={tmp_path / 'stories.jsonl'}", "--n_stories=20",
                  "--concurrency=1"])
     assert len(server.log) == 1
+
+
+@pytest.mark.parametrize("fault, message", [("400", r"refused the request \(400\): Invalid value for 'temperature'"),
+                                            ("403", r"refused the request \(403\): Project does not have access"),
+                                            ("quota", r"no quota left \(429 insufficient_quota\)")])
+def test_refusals_and_an_account_out_of_credit_end_the_run_in_one_clear_line(monkeypatch, tmp_path, server, fault,
+                                                                             message):
+    server.inject(fault)
+    with pytest.raises(SystemExit, match=f"^error: the {'account has' if fault == 'quota' else 'API'} {message}") as e:
+        generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=20", "--concurrency=1")
+    assert "\n" not in str(e.value) and len(server.log) == 1
+    assert not (tmp_path / "stories.jsonl").exists()
+
+
+def test_run_that_gets_no_answers_stops_in_one_clear_line(monkeypatch, tmp_path):
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        unused = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    argv = [f"--out={tmp_path / 'stories.jsonl'}", "--n_stories=200", "--concurrency=4", "--max_retries=1",
+            "--backoff=0.001"]
+    with pytest.raises(SystemExit, match=f"^error: 10 prompts in a row got no answer: 2 tries failed, the last with"
+                                         f" no connection .*: check that {unused} answers") as e:
+        gs.main([f"--base_url={unused}", *argv])
+    assert "\n" not in str(e.value)
+    with OpenAIServer(fault_rate=1.0, faults=["500"], api_key=KEY) as server:
+        with pytest.raises(SystemExit, match="no answer: 2 tries failed, the last with 500 The server had an error"):
+            gs.main([f"--base_url={server.url}", *argv])
+        assert 20 <= server.stats["chat"] < 30  # 10 prompts, and those in flight beside them
+
+
+def test_reasoning_models_get_max_completion_tokens(monkeypatch, tmp_path, server):
+    assert "max_tokens" in gs.request_body(args_for("--model=gpt-4o-mini"), "p")  # what every server knows
+    out = tmp_path / "stories.jsonl"
+    generate(monkeypatch, server, out, "--n_stories=8", "--model=gpt-5-nano")  # the server refuses max_tokens here
+    assert len(read(out)) == 8 and all(r["model"].startswith("gpt-5-nano") for r in read(out))
+
+
+def test_a_second_run_on_the_same_output_is_refused(monkeypatch, tmp_path, server):
+    out = tmp_path / "stories.jsonl"
+    first = gs.Output(str(out), args_for(), AXES, NAMES)  # as a run in another process holds it
+    with pytest.raises(SystemExit, match=f"^error: another run is writing {out}: let it finish, or use another --out"):
+        generate(monkeypatch, server, out, "--n_stories=4")
+    first.close()
+    generate(monkeypatch, server, out, "--n_stories=4")
+    check_stories(out, 4)
 
 
 def test_help_shows_the_usage():
@@ -341,7 +443,7 @@ def test_killed_batch_run_polls_again_instead_of_paying_twice(tmp_path):
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert not out.exists()  # killed while its batches were in flight
+        assert out.read_text() == ""  # killed while its batches were in flight
         restarted = start(server, out, *argv)
         stdout, stderr = restarted.communicate(timeout=60)
         assert restarted.returncode == 0, stderr
@@ -364,3 +466,94 @@ def test_api_key_is_in_no_file_and_no_log(tmp_path, server):
     for path in files:
         with open(path, "rb") as f:
             assert KEY.encode() not in f.read(), path
+
+
+def test_failed_and_expired_batches_are_submitted_again(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05) as server:
+        server.inject_batch("failed", 2)  # the organisation's queue of batch tokens is full, twice
+        server.inject_batch("expired")  # half of the requests done in time
+        generate(monkeypatch, server, out, "--batch", "--n_stories=32", "--batch_size=8", "--batches_in_flight=1",
+                 "--poll_interval=0.02")
+        sizes = [len(f["content"].splitlines()) for f in server.files.values() if f["purpose"] == "batch"]
+        statuses = Counter(b["status"] for b in server.batches.values())
+    check_stories(out, 32)
+    assert sizes[:3] == [8, 4, 2]  # after each failure for the token limit, batches of half the size
+    assert statuses["failed"] == 2 and statuses["expired"] == 1
+    summary = capsys.readouterr().out
+    assert "batches failed 2" in summary and "batches expired 1" in summary and "batch requests failed 1" in summary
+    assert not os.path.exists(f"{out}.batches.json")
+
+
+def test_batches_that_fail_again_and_again_stop_the_run_and_a_rerun_goes_on(monkeypatch, tmp_path):
+    out = tmp_path / "stories.jsonl"
+    # one batch at a time: a token limit met while other batches are in the queue waits for them, uncounted
+    argv = ["--batch", "--n_stories=32", "--batch_size=8", "--batches_in_flight=1", "--poll_interval=0.02"]
+    with OpenAIServer(api_key=KEY, batch_delay=0.05) as server:
+        server.inject_batch("failed", gs.MAX_BATCH_FAILURES)
+        with pytest.raises(SystemExit, match=rf"^error: {gs.MAX_BATCH_FAILURES} batches in a row failed"
+                                             rf" \(token_limit_exceeded: Enqueued token limit reached.*\);"
+                                             rf" run the same command again later.* {out}.batches.json$") as e:
+            generate(monkeypatch, server, out, *argv)
+        assert "\n" not in str(e.value)
+        assert json.loads((tmp_path / "stories.jsonl.batches.json").read_text())["batches"] == []
+        generate(monkeypatch, server, out, *argv)  # the queue has room again
+    check_stories(out, 32)
+
+
+def test_unreadable_line_of_a_batch_answer_is_submitted_again(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05) as server:
+        server.inject_batch("garbled")
+        generate(monkeypatch, server, out, "--batch", "--n_stories=20", "--poll_interval=0.02")
+        assert server.stats["batches"] == 2
+    check_stories(out, 20)
+    summary = capsys.readouterr().out
+    assert "batch lines unreadable 1" in summary and "batch requests failed 1" in summary
+
+
+def test_batch_request_that_the_api_refuses_ends_the_run_in_one_clear_line(monkeypatch, tmp_path):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05) as server:
+        server.inject_batch("refused")  # its first request
+        with pytest.raises(SystemExit, match=r"^error: the API refused the request \(400\): Invalid value") as e:
+            generate(monkeypatch, server, out, "--batch", "--n_stories=20", "--poll_interval=0.02")
+        assert "\n" not in str(e.value) and server.stats["batches"] == 1  # not submitted again
+    assert len(read(out)) == 16  # the answers that came back are kept
+
+
+def stop_with_batches_in_flight(monkeypatch, server, out):
+    """A run that stops with a first batch (slow) in flight, and a second created on the server whose id never
+    came back, as when a run is killed between the two. Returns its arguments."""
+    argv = ["--batch", "--n_stories=40", "--batch_size=5", "--poll_interval=0.02"]
+    server.inject_batch("slow")
+    server.inject_batch("timeout")
+    with pytest.raises(SystemExit, match="1 tries failed, the last with no answer in 0.2 s"):
+        generate(monkeypatch, server, out, *argv, "--timeout=0.2", "--max_retries=0")
+    state = json.loads(open(f"{out}.batches.json").read())["batches"]
+    assert [entry["batch_id"] is not None for entry in state] == [True, False]
+    return argv
+
+
+def test_batches_in_flight_are_refused_to_a_run_with_other_arguments(monkeypatch, tmp_path):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
+        argv = stop_with_batches_in_flight(monkeypatch, server, out)
+        other_axes = forked_axes(tmp_path, names=NAMES[:5])
+        for other, name in (("--seed=1", "seed"), ("--stories_per_prompt=2", "stories_per_prompt"),
+                            ("--max_tokens=1000", "max_tokens"), (f"--axes={other_axes}", "axes_sha256")):
+            with pytest.raises(SystemExit, match=f"^error: {out}.batches.json lists batches sent with another {name}:"
+                                                 f" use the same arguments, or another --out$"):
+                generate(monkeypatch, server, out, *argv, other)
+        assert server.stats["batches"] == 2 and not out.exists()
+
+
+def test_batch_whose_id_was_lost_is_found_and_batches_no_longer_needed_are_cancelled(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
+        argv = stop_with_batches_in_flight(monkeypatch, server, out)
+        generate(monkeypatch, server, out, *argv, "--n_stories=20")  # the second batch's answers are enough now
+        statuses = [b["status"] for b in server.batches.values()]
+    assert statuses == ["cancelling", "completed"]  # found by batches.list, not created again; the slow one cancelled
+    assert {r["prompt_id"] for r in check_stories(out, 20)} == set(range(5, 10))
+    assert "batches cancelled 1" in capsys.readouterr().out and not os.path.exists(f"{out}.batches.json")
