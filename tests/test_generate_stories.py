@@ -528,7 +528,7 @@ def stop_with_batches_in_flight(monkeypatch, server, out):
     argv = ["--batch", "--n_stories=40", "--batch_size=5", "--poll_interval=0.02"]
     server.inject_batch("slow")
     server.inject_batch("timeout")
-    with pytest.raises(SystemExit, match="1 tries failed, the last with no answer in 0.2 s"):
+    with pytest.raises(SystemExit, match="1 try failed, the last with no answer in 0.2 s"):
         generate(monkeypatch, server, out, *argv, "--timeout=0.2", "--max_retries=0")
     state = json.loads(open(f"{out}.batches.json").read())["batches"]
     assert [entry["batch_id"] is not None for entry in state] == [True, False]
