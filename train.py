@@ -82,8 +82,9 @@ PEAK_FLOPS = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
     ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 ]
-# settings that decide which batches a step sees: a resumed run must keep them
-BATCH_SETTINGS = ("dataset", "seed", "tokens_per_step", "n_ctx")
+# settings a resumed run must keep: those that decide which batches a step sees, and the model's shape
+FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
+                   "d_vocab", "rope_base", "norm_eps")
 
 
 def die(message):
@@ -155,9 +156,10 @@ if init_from == "resume":
     for key, value in saved.items():
         if key in DEFAULTS and key not in flags | {"init_from", "out_dir", "overwrite"}:
             globals()[key] = value
-    changed = [f"{k} ({saved.get(k)!r} -> {globals()[k]!r})" for k in BATCH_SETTINGS if saved.get(k) != globals()[k]]
+    changed = [f"{k} ({saved.get(k)!r} -> {globals()[k]!r})" for k in FIXED_ON_RESUME if saved.get(k) != globals()[k]]
     if changed:
-        die(f"resuming {ckpt_path} with another {', '.join(changed)} would change the batches it sees; drop those flags or start a new out_dir")
+        die(f"{ckpt_path} cannot go on with another {', '.join(changed)}: that changes its batches or its shape; "
+            f"drop those flags or start a new out_dir")
 elif init_from == "scratch":
     if os.path.exists(ckpt_path) and not overwrite:
         die(f"{ckpt_path} exists: continue it with --init_from=resume, or replace it with --overwrite=True or another --out_dir")
