@@ -202,14 +202,30 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layers * c.d_model * c.n_ctx
 
+    def configure_optimizer(self, learning_rate, weight_decay, betas, fused, state=None):
+        """AdamW with weight decay on the matrices only, not on the norm weights; fused: its one-kernel update
+        (for parameters on a GPU). state: an optimizer state_dict to go on from, perhaps saved on another
+        machine or with other settings. Its groups keep only their parameters and take every setting of this
+        run before loading, because torch places each state tensor by the group's flags: the fused kernel
+        needs `step` beside the parameters on the GPU, the others keep it on the CPU."""
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}],
+                                      lr=learning_rate, betas=betas, fused=fused)
+        if state is not None:
+            groups = [{**now, "params": saved["params"]} for saved, now in zip(state["param_groups"], optimizer.param_groups)]
+            optimizer.load_state_dict({"state": state["state"], "param_groups": groups})
+        return optimizer
+
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None,
                  generator=None, use_cache=True):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + n).
 
-        temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off. A row that has
-        produced eos_id is finished: it is padded with eos_id until every row is done or the
-        context (n_ctx) is full. use_cache=False recomputes the whole sequence at each step (the
+        temperature 0 (or under GREEDY_BELOW) is greedy; top_k 0 and top_p 1.0 switch those filters
+        off. A row that has produced eos_id is finished: it is padded with eos_id until every row is
+        done or the context (n_ctx) is full. use_cache=False recomputes the whole sequence at each step (the
         reference the KV cache is tested against).
         """
         max_new_tokens = min(max_new_tokens, self.config.n_ctx - idx.size(1))
@@ -230,9 +246,13 @@ class GPT(nn.Module):
         return out
 
 
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily: the distribution is the argmax already, and
+# dividing the logits by it could overflow to inf
+
+
 def sample_next(logits, temperature, top_k, top_p, generator=None):
     """One token id per row of logits (B, V)."""
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     logits = logits / temperature
     if top_k > 0:

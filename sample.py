@@ -5,22 +5,26 @@
     python sample.py --out_dir=out/5m --prompt_file=prompts.txt   # one prompt per line
 
 Each story starts at BOS (followed by the prompt, if any) and ends at EOS, the end of the context,
-or after --max_new_tokens; generation uses the model's KV cache.
+or after --max_new_tokens; generation uses the model's KV cache. The tokenizer is the one the model
+was trained with, kept in its checkpoint, so this runs from any folder.
 """
 
 import argparse
+import hashlib
+import math
 import os
 import sys
 from contextlib import nullcontext
 
 import torch
 
+from configurator import pick_device
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 
 def load_model(out_dir, device):
-    """The model in out_dir/ckpt.pt and its tokenizer."""
+    """The model in out_dir/ckpt.pt and the tokenizer it was trained with, saved beside it."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; train a model with train.py first")
@@ -28,10 +32,17 @@ def load_model(out_dir, device):
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         model = GPT(GPTConfig(**checkpoint["model_config"]))
         model.load_state_dict(checkpoint["model"])
-        tokenizer_file = checkpoint["tokenizer"]
+        saved = checkpoint["tokenizer"]
+        tokenizer_file, proto, sha256 = saved["file"], saved["model"], saved["sha256"]
     except Exception as e:
         raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}): it is corrupt or not from train.py") from None
-    return model.to(device).eval(), Tokenizer(tokenizer_file)
+    if hashlib.sha256(proto).hexdigest() != sha256:
+        raise ValueError(f"the tokenizer saved in {path} does not match its sha256: the checkpoint is corrupt")
+    tokenizer = Tokenizer(tokenizer_file, proto)
+    if tokenizer.vocab_size != model.config.d_vocab:
+        raise ValueError(f"{path}: its tokenizer has {tokenizer.vocab_size} pieces but the model {model.config.d_vocab}; "
+                         f"the checkpoint is corrupt")
+    return model.to(device).eval(), tokenizer
 
 
 def main():
@@ -39,27 +50,35 @@ def main():
     parser.add_argument("--out_dir", default="out/quickstart", help="training run folder holding ckpt.pt")
     parser.add_argument("--num_samples", type=int, default=3, help="stories per prompt")
     parser.add_argument("--max_new_tokens", type=int, default=400)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 (or under 1e-5): greedy")
     parser.add_argument("--top_k", type=int, default=50, help="0: off")
     parser.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
     parser.add_argument("--prompt", default="", help="start of every story")
     parser.add_argument("--prompt_file", default="", help="a file with one prompt per line (instead of --prompt)")
     parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'mps'")
+    parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     args = parser.parse_args()
     if args.num_samples < 1 or args.max_new_tokens < 1:
         raise ValueError("--num_samples and --max_new_tokens must be at least 1")
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("--temperature and --top_k must not be negative, and --top_p must be in (0, 1]")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)) or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise ValueError("--temperature must be a finite number, 0 or more, --top_k must not be negative, "
+                         "and --top_p must be in (0, 1]")
+    if args.seed < 0:
+        raise ValueError("--seed must not be negative")
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tok = load_model(args.out_dir, device)
     prompts = [args.prompt]
     if args.prompt_file:
-        if not os.path.isfile(args.prompt_file):
-            raise ValueError(f"prompt file {args.prompt_file} does not exist")
-        with open(args.prompt_file) as f:
-            prompts = [line.rstrip("\n") for line in f if line.strip()]
+        try:
+            with open(args.prompt_file, encoding="utf-8") as f:
+                prompts = [line.rstrip("\n") for line in f if line.strip()]
+        except OSError as e:
+            raise ValueError(f"cannot read prompt file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"prompt file {args.prompt_file} is not UTF-8 text") from None
+        if not prompts:
+            raise ValueError(f"prompt file {args.prompt_file} has no prompts: write one per line")
+    device = pick_device(args.device)
+    model, tok = load_model(args.out_dir, device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()

@@ -5,10 +5,12 @@ lossless: no normalization, whitespace kept as it is, byte fallback for any char
 vocab, and a paragraph break ("\\n\\n") as a single piece. So decode(encode(s)) == s for any string.
 
     python tokenizer.py --input=data/sample/stories.jsonl              # -> tokenizers/sample.model
-    python tokenizer.py --input='data/simplestories/*.parquet' --vocab_size=4096 --name=simplestories
+    python tokenizer.py --input=hf:SimpleStories/SimpleStories        # -> tokenizers/simplestories.model
 
 Input is our stories.jsonl, the published SimpleStories parquet shards (column `story`), or plain
 text with stories separated by a line `<|endoftext|>` (the TinyStories text format); see read_stories.
+`hf:OWNER/NAME` is a dataset on the Hugging Face hub: its parquet shards are downloaded once into the
+hub's local cache, and its train split is read (`hf:OWNER/NAME:test` reads another split).
 """
 
 import argparse
@@ -22,13 +24,62 @@ import sys
 
 import sentencepiece as spm
 
+from configurator import folder_problem
+
 PARAGRAPH_BREAK = "\n\n"
 TEXT_SEPARATOR = "<|endoftext|>"
 SP_SPACE = "\u2581"  # sentencepiece's whitespace symbol; a literal one in the text is encoded as bytes
 
 
+HUB = "hf:"  # the prefix of an input on the Hugging Face hub
+VAL_SPLITS = ("test", "validation")  # the hub split that goes to val.bin, the first one a dataset has
+
+
+def hub_splits(repo_id):
+    """{split: [parquet files]} of a dataset on the Hugging Face hub, downloaded once into the hub's cache.
+    A file's split is the first part of its path named like one: data/train-00000-of-00004.parquet is in
+    train, default/test/0000.parquet in test."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(repo_id, repo_type="dataset", allow_patterns=["*.parquet"])
+    except Exception as e:  # offline, not found, gated: huggingface_hub has many error types, all end here
+        raise ValueError(f"cannot get dataset {repo_id} from the Hugging Face hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else 'no details'}); check the name and the network, "
+                         f"or download it and give --input a local folder") from None
+    splits = {}
+    for path in sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True)):
+        parts = [re.split(r"[-_.]", part)[0] for part in os.path.relpath(path, folder).split(os.sep)]
+        split = next((p for p in parts if p in ("train", "test", "validation", "valid", "dev")), "train")
+        splits.setdefault(split, []).append(path)
+    if not splits:
+        raise ValueError(f"dataset {repo_id} on the Hugging Face hub has no parquet files; give --input a local copy")
+    return splits
+
+
+def parse_hub(spec):
+    """(repo_id, split) of an input 'hf:OWNER/NAME' or 'hf:OWNER/NAME:SPLIT' (split None when not given)."""
+    repo_id, _, split = spec[len(HUB):].partition(":")
+    return repo_id, split or None
+
+
+def input_name(spec):
+    """A short name for an input: the hub dataset's name, or the folder the input files are in."""
+    if spec.startswith(HUB):
+        return parse_hub(spec)[0].split("/")[-1].lower()
+    return os.path.basename(os.path.dirname(os.path.abspath(input_files(spec)[0])))
+
+
 def input_files(spec):
-    """Files named by spec: a file, a folder (its .jsonl, .parquet and .txt files) or a glob pattern."""
+    """Files named by spec: a file, a folder (its .jsonl, .parquet and .txt files), a glob pattern, or a
+    dataset on the Hugging Face hub, 'hf:OWNER/NAME[:SPLIT]' (the train split unless another is named)."""
+    if spec.startswith(HUB):
+        repo_id, split = parse_hub(spec)
+        splits = hub_splits(repo_id)
+        if (split or "train") not in splits:
+            raise ValueError(f"dataset {repo_id} has no split {split or 'train'!r} (it has {', '.join(splits)}); "
+                             f"name one as --input=hf:{repo_id}:SPLIT")
+        return splits[split or "train"]
     if os.path.isdir(spec):
         files = sorted(f for ext in ("jsonl", "parquet", "txt") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
     elif any(c in spec for c in "*?["):
@@ -105,13 +156,24 @@ def read_stories(spec):
 
 
 class Tokenizer:
-    """A trained sentencepiece model: encode, decode, bos_id, eos_id, vocab_size."""
+    """A trained sentencepiece model: encode, decode, bos_id, eos_id, vocab_size.
 
-    def __init__(self, model_file):
-        if not os.path.isfile(model_file):
-            raise ValueError(f"tokenizer {model_file} does not exist; train one with tokenizer.py")
-        self.model_file = model_file
-        self.sp = spm.SentencePieceProcessor(model_file=model_file)
+    Tokenizer(path) reads the model file; Tokenizer(path, proto) takes the file's bytes as they were saved
+    elsewhere (a checkpoint keeps them), path then only naming where they came from."""
+
+    def __init__(self, model_file, proto=None):
+        if proto is None:
+            if not os.path.isfile(model_file):
+                raise ValueError(f"tokenizer {model_file} does not exist; train one with tokenizer.py")
+            with open(model_file, "rb") as f:
+                proto = f.read()
+        self.model_file, self.proto = model_file, proto
+        try:
+            if not proto:  # sentencepiece takes empty bytes for a model with no pieces
+                raise RuntimeError
+            self.sp = spm.SentencePieceProcessor(model_proto=proto)
+        except RuntimeError:
+            raise ValueError(f"{model_file} is not a sentencepiece model; train one with tokenizer.py") from None
         self.vocab_size = self.sp.vocab_size()
         self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
         # a literal U+2581 would come back as a space, so it is spelled as its three UTF-8 bytes
@@ -152,20 +214,25 @@ class Tokenizer:
         return sizes
 
     def sha256(self):
-        with open(self.model_file, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
+        return hashlib.sha256(self.proto).hexdigest()
 
 
 def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
     """Train a BPE model on the paragraphs of the input stories and write it to model_file."""
 
+    problem = folder_problem(os.path.dirname(os.path.abspath(model_file)))  # found before the training, which may be long
+    if problem:
+        raise ValueError(f"cannot write {model_file}: {problem}")
     bad_input = []  # an error in the input, kept: sentencepiece would wrap it in its own multi-line one
+    n_paragraphs = 0
 
     def paragraphs():
+        nonlocal n_paragraphs
         try:
             for _, text in read_stories(input_spec):
                 for paragraph in text.split(PARAGRAPH_BREAK):
                     if paragraph.strip():
+                        n_paragraphs += 1
                         yield paragraph
         except ValueError as e:
             bad_input.append(e)
@@ -183,28 +250,41 @@ def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
     except RuntimeError as e:
         if bad_input:
             raise bad_input[0] from None
+        if n_paragraphs == 0:
+            raise ValueError(f"{input_spec} holds no stories to train a tokenizer on") from None
+        smallest = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))
+        if smallest:  # the special pieces, 256 byte pieces and every character of the input
+            raise ValueError(f"vocab_size={vocab_size} is too small: this input needs at least {smallest.group(1)} "
+                             f"pieces for its characters, bytes and special tokens; pass a larger --vocab_size "
+                             f"(4096 is the default)") from None
         largest = re.search(r"value <= (\d+)", str(e))
         if largest:
             raise ValueError(f"the input is too small for vocab_size={vocab_size}: the largest vocab it supports is "
                              f"{largest.group(1)}; pass --vocab_size={largest.group(1)} or less, or give more stories") from None
         raise ValueError(f"sentencepiece could not train on {input_spec}: {e}") from None
-    os.makedirs(os.path.dirname(model_file) or ".", exist_ok=True)
     tmp = model_file + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(proto.getvalue())
-    os.replace(tmp, model_file)
+    try:
+        os.makedirs(os.path.dirname(model_file) or ".", exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(proto.getvalue())
+        os.replace(tmp, model_file)
+    except OSError as e:
+        raise ValueError(f"cannot write {model_file}: {e.strerror}") from None
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default="data/sample/stories.jsonl", help="stories: .jsonl, .parquet or .txt file, folder or glob")
+    parser.add_argument("--input", default="data/sample/stories.jsonl",
+                        help="stories: .jsonl, .parquet or .txt file, folder or glob, or hf:OWNER/NAME on the hub")
     parser.add_argument("--vocab_size", type=int, default=4096, help="number of pieces, special and byte pieces included")
-    parser.add_argument("--name", default="", help="writes tokenizers/<name>.model (default: the input's folder name)")
+    parser.add_argument("--name", default="", help="writes tokenizers/<name>.model (default: the input's folder or hub dataset name)")
     parser.add_argument("--max_paragraphs", type=int, default=2_000_000, help="train on a random sample of this many paragraphs at most")
     args = parser.parse_args()
     if args.vocab_size >= 65536:
         sys.exit(f"error: vocab_size={args.vocab_size} does not fit the uint16 token bins; use a vocab below 65536")
-    name = args.name or os.path.basename(os.path.dirname(os.path.abspath(input_files(args.input)[0])))
+    if args.vocab_size < 1 or args.max_paragraphs < 1:
+        sys.exit("error: --vocab_size and --max_paragraphs must be at least 1")
+    name = args.name or input_name(args.input)
     model_file = os.path.join("tokenizers", f"{name}.model")
     train(args.input, model_file, args.vocab_size, args.max_paragraphs)
     tok = Tokenizer(model_file)

@@ -6,15 +6,17 @@
     python train.py configs/5m.py --init_from=resume            # go on from out_dir/ckpt.pt
 
 Settings are the globals below. A config file (plain `name = value` lines) overrides them, then
-`--key=value` flags override that; an unknown key or a value of the wrong type is an error. The
-global batch (tokens_per_step) is the same whatever the number of devices: gradient accumulation
-makes up the rest. Batches are drawn from a generator seeded by (seed, step), so a resumed run
-sees exactly the batches it would have seen, and on CPU ends with the same weights.
+`--key=value` flags override that; an unknown key, a value of the wrong type or out of its range is an
+error. The global batch (tokens_per_step) is the same whatever the number of devices: gradient
+accumulation makes up the rest. Batches are drawn from a generator seeded by (seed, step), so a
+resumed run sees exactly the batches it would have seen, and on CPU ends with the same weights.
 
-Writes out_dir/ckpt.pt (atomically, at each evaluation and at the end) and out_dir/log.jsonl.
+Writes out_dir/ckpt.pt (atomically, at each evaluation and at the end) and out_dir/log.jsonl. The
+checkpoint keeps the tokenizer it was trained with and the meta.json of its bins: a resume refuses
+bins or a tokenizer made since, and settings (config file or flag) that would change its batches.
 """
 
-import ast
+import inspect
 import json
 import math
 import os
@@ -29,6 +31,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import configurator
+from configurator import die
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -39,44 +43,55 @@ out_dir = "out/run"  # ckpt.pt and log.jsonl go here
 init_from = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt with the settings saved there
 overwrite = False  # let a scratch run replace the checkpoint already in out_dir
 # model (GPTConfig)
-n_layers = 6
-d_model = 256
-n_heads = 4
-n_kv_heads = 2
-d_mlp = 0  # 0: int(8 * d_model / 3)
-n_ctx = 512
+n_layers = 6  # transformer blocks
+d_model = 256  # width of the residual stream
+n_heads = 4  # attention heads (query heads)
+n_kv_heads = 2  # key/value heads shared by the query heads (grouped-query attention)
+d_mlp = 0  # hidden width of the SwiGLU MLP; 0: int(8 * d_model / 3)
+n_ctx = 512  # context length in tokens
 d_vocab = 4096  # must equal the vocab_size in meta.json
-rope_base = 10000.0
-norm_eps = 1e-6
+rope_base = 10000.0  # RoPE frequency base
+norm_eps = 1e-6  # RMSNorm epsilon
 # optimization: AdamW, linear warmup then cosine decay
 tokens_per_step = 32768  # global batch in tokens, whatever the number of devices
 batch_size = 16  # sequences per device per micro-step, at most; gradient accumulation makes up tokens_per_step
 max_iters = 20000  # optimizer steps
-learning_rate = 1e-3
+learning_rate = 1e-3  # peak learning rate, reached after warmup_iters
 min_lr_ratio = 0.1  # the cosine ends at learning_rate * min_lr_ratio
-warmup_iters = 500
+warmup_iters = 500  # steps of linear warmup from 0
 lr_decay_iters = 0  # length of the cosine; 0: max_iters (set it to stop early now and resume later)
 weight_decay = 0.1  # on matrices only, not on norm weights
-beta1 = 0.9
-beta2 = 0.95
+beta1 = 0.9  # AdamW's first-moment decay
+beta2 = 0.95  # AdamW's second-moment decay
 grad_clip = 1.0  # max global gradient norm; 0: off
 # evaluation and logging
 eval_interval = 500  # steps between evaluations (and checkpoints)
 eval_seqs = 256  # fixed val windows of n_ctx tokens, spread evenly over val.bin
 log_interval = 10  # steps between log lines
 sample_tokens = 200  # a story of up to this many tokens is printed at each evaluation; 0: none
-wandb_log = False
-wandb_project = "simplestories"
-wandb_run_name = ""  # "": out_dir's name
+wandb_log = False  # send the log to Weights & Biases too
+wandb_project = "simplestories"  # Weights & Biases project
+wandb_run_name = ""  # Weights & Biases run name; "": out_dir's name
 # system
 device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16'
 compile = True  # torch.compile the model
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in PEAK_FLOPS
-seed = 1337
+seed = 1337  # seeds the weights, the batches and the samples
 # ----------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
-
+CHECKS = [  # the range of each setting, checked once the command line and a resumed checkpoint are read
+    (("n_layers", "d_model", "n_heads", "n_kv_heads", "n_ctx", "d_vocab", "tokens_per_step", "batch_size", "eval_interval",
+      "eval_seqs", "log_interval"), lambda v: v >= 1, "at least 1"),
+    (("d_mlp", "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "learning_rate", "weight_decay", "grad_clip",
+      "peak_flops"), lambda v: v >= 0, "0 or more"),
+    (("rope_base", "norm_eps"), lambda v: v > 0, "positive"),
+    (("min_lr_ratio",), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    (("beta1", "beta2"), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    (("seed",), lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1"),
+    (("init_from",), lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
+    (("dtype",), lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+]
 # bf16 dense tensor-core FLOP/s from the vendors' datasheets, matched against the device name in order
 PEAK_FLOPS = [
     ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
@@ -86,91 +101,47 @@ PEAK_FLOPS = [
 FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
                    "d_vocab", "rope_base", "norm_eps")
 
-
-def die(message):
-    sys.exit(f"error: {message}")
-
-
-def parse_settings(argv):
-    """Config files and --key=value flags, in order, as (key, value, where) with literal values."""
-    settings = []
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, text = arg[2:].partition("=")
-            if not eq:
-                die(f"flag {arg} has no value; write --{key}=VALUE")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-                value = text  # a bare word: --dataset=sample
-            settings.append((key, value, arg))
-            continue
-        try:
-            tree = ast.parse(open(arg).read(), arg)
-        except OSError as e:
-            die(f"cannot read config file {arg}: {e.strerror}")
-        except SyntaxError as e:
-            die(f"{arg} line {e.lineno}: not valid Python ({e.msg})")
-        for node in tree.body:
-            if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-                continue  # docstring
-            if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
-                die(f"{arg} line {node.lineno}: a config file holds only `name = value` lines")
-            try:
-                value = ast.literal_eval(node.value)
-            except (ValueError, TypeError, MemoryError, RecursionError):
-                die(f"{arg} line {node.lineno}: the value of {node.targets[0].id} must be a literal (a number, string or bool)")
-            settings.append((node.targets[0].id, value, f"{arg} line {node.lineno}"))
-    return settings
-
-
 if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
-    print(__doc__)
-    print("settings and defaults:\n" + "\n".join(f"  --{k}={v!r}" for k, v in DEFAULTS.items()))
+    print(configurator.help_text(__doc__, DEFAULTS, __file__))
     sys.exit(0)
-flags = set()  # the settings given as --key=value
-for key, value, where in parse_settings(sys.argv[1:]):
-    if key not in DEFAULTS:
-        die(f"unknown setting {key!r} ({where}); `python train.py --help` lists the settings")
-    expected = type(DEFAULTS[key])
-    if expected is float and type(value) is int:
-        value = float(value)
-    if type(value) is not expected:
-        die(f"setting {key} must be a {expected.__name__}, got {value!r} ({where})")
-    globals()[key] = value
-    if where.startswith("--"):
-        flags.add(key)
-
-ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if not sys.argv[1:]:
+    die("give a config file and/or --key=value settings, e.g. `python train.py configs/quickstart.py`; "
+        "`python train.py --help` lists the settings")
+given = configurator.parse(sys.argv[1:], DEFAULTS)  # config files and flags alike
+settings = {**DEFAULTS, **given}
+ckpt_path = os.path.join(settings["out_dir"], "ckpt.pt")
 checkpoint = None
-if init_from == "resume":
+if settings["init_from"] == "resume":
     if not os.path.isfile(ckpt_path):
         die(f"cannot resume: {ckpt_path} does not exist; start with --init_from=scratch")
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         saved = checkpoint["train_config"]
         model_config = GPTConfig(**checkpoint["model_config"])
+        missing = {"model", "optimizer", "iter_num", "best_val_loss", "tokenizer", "meta", "loss_since_log", "rng"} - set(checkpoint)
+        if missing:
+            raise KeyError(", ".join(sorted(missing)))
     except Exception as e:
-        die(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is corrupt or not from train.py; delete it or start with --init_from=scratch")
-    # the run goes on with the settings it was started with; only flags given now change them
-    for key, value in saved.items():
-        if key in DEFAULTS and key not in flags | {"init_from", "out_dir", "overwrite"}:
-            globals()[key] = value
-    changed = [f"{k} ({saved.get(k)!r} -> {globals()[k]!r})" for k in FIXED_ON_RESUME if saved.get(k) != globals()[k]]
+        die(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is corrupt or not from train.py; "
+            f"delete it or start with --init_from=scratch")
+    # the run goes on with the settings it was started with; only those given now change them
+    settings = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}, **given, "init_from": "resume"}
+    changed = [f"{k} ({saved.get(k)!r} -> {settings[k]!r})" for k in FIXED_ON_RESUME if saved.get(k) != settings[k]]
     if changed:
         die(f"{ckpt_path} cannot go on with another {', '.join(changed)}: that changes its batches or its shape; "
-            f"drop those flags or start a new out_dir")
-elif init_from == "scratch":
-    if os.path.exists(ckpt_path) and not overwrite:
-        die(f"{ckpt_path} exists: continue it with --init_from=resume, or replace it with --overwrite=True or another --out_dir")
-else:
-    die(f"init_from={init_from!r}; use 'scratch' or 'resume'")
-for key in ("tokens_per_step", "batch_size", "eval_interval", "eval_seqs", "log_interval"):
-    if globals()[key] < 1:
-        die(f"setting {key}={globals()[key]} must be at least 1")
-for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "learning_rate", "weight_decay", "grad_clip", "peak_flops"):
-    if globals()[key] < 0:
-        die(f"setting {key}={globals()[key]} must not be negative")
+            f"drop those settings or start a new out_dir")
+    if settings["max_iters"] < checkpoint["iter_num"]:
+        die(f"{ckpt_path} is at step {checkpoint['iter_num']}, past max_iters={settings['max_iters']}; give a larger --max_iters")
+configurator.check(settings, CHECKS)
+globals().update(settings)
+if checkpoint is not None and max_iters == checkpoint["iter_num"]:
+    print(f"{ckpt_path} is at step {max_iters} = max_iters: nothing to train; give a larger --max_iters to go on")
+    sys.exit(0)
+if init_from == "scratch" and os.path.exists(ckpt_path) and not overwrite:
+    die(f"{ckpt_path} exists: continue it with --init_from=resume, or replace it with --overwrite=True or another --out_dir")
+problem = configurator.folder_problem(out_dir)  # found now, not after the data and model are set up
+if problem:
+    die(f"out_dir={out_dir} cannot be written: {problem}; choose another --out_dir")
 if wandb_log:
     try:
         import wandb
@@ -185,15 +156,8 @@ if ddp:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
 else:
     rank, local_rank, world_size = 0, 0, 1
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-if device.startswith("cuda") and ddp:
-    device = f"cuda:{local_rank}"
+device = configurator.pick_device(device, local_rank if ddp else None)
 device_type = device.split(":")[0]
-if device_type == "cuda":
-    if not torch.cuda.is_available():
-        die("device=cuda but torch sees no GPU; use --device=cpu or install a CUDA build of torch")
-    torch.cuda.set_device(device)
 if ddp:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     if device_type == "cpu":  # share the cores between the processes on this machine
@@ -201,8 +165,6 @@ if ddp:
 master = rank == 0
 if dtype == "auto":
     dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
-if dtype not in ("float32", "bfloat16"):
-    die(f"dtype={dtype!r}; use 'auto', 'float32' or 'bfloat16'")
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch.bfloat16)
 torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the float32 matmuls left outside autocast
 torch.backends.cudnn.allow_tf32 = True
@@ -237,6 +199,19 @@ for split in ("train", "val"):
         die(f"{path} has {meta[split]['tokens']} tokens, too few for a window of n_ctx + 1 = {n_ctx + 1}; give more stories or a smaller n_ctx")
 
 
+def data_identity(m):
+    """What makes bins the same bins, from their meta.json: the tokenizer that encoded them and their sizes."""
+    return {"tokenizer sha256": m["tokenizer_sha256"], **{f"{s} {n}": m[s][n] for s in ("train", "val") for n in ("stories", "tokens")}}
+
+
+if checkpoint is not None:  # the bins it trained on, not others made since under the same name
+    was, now = data_identity(checkpoint["meta"]), data_identity(meta)
+    changed = [f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now[k]]
+    if changed:
+        die(f"{data_dir} was prepared again since {ckpt_path} was written ({', '.join(changed)}); a resume needs the bins "
+            f"and tokenizer it trained on: prepare them as before, or train a new out_dir")
+
+
 def memmap(split):
     # a fresh memmap per batch, as nanoGPT does: a long-lived one keeps the pages it read and memory grows
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
@@ -267,7 +242,7 @@ def val_windows():
 
 
 # ----------------------------------------------------------------------------------------------
-# model, optimizer, checkpoint
+# model, optimizer, tokenizer
 iter_num, best_val_loss = 0, float("inf")
 if checkpoint is not None:
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
@@ -284,15 +259,12 @@ if meta["vocab_size"] != model_config.d_vocab:
 raw_model = GPT(model_config).to(device)
 if checkpoint is not None:
     raw_model.load_state_dict(checkpoint["model"])
-decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                              lr=learning_rate, betas=(beta1, beta2), fused=device_type == "cuda")
+optimizer = raw_model.configure_optimizer(learning_rate, weight_decay, (beta1, beta2), fused=device_type == "cuda",
+                                          state=checkpoint["optimizer"] if checkpoint else None)
+loss_sum, loss_steps = torch.zeros((), device=device), 0  # training loss since the last log line
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    for group in optimizer.param_groups:  # the saved groups carry the old machine's and settings' choices
-        group.update(betas=(beta1, beta2), fused=device_type == "cuda")
-    optimizer.param_groups[0]["weight_decay"] = weight_decay
+    loss_sum += checkpoint["loss_since_log"][0]
+    loss_steps = checkpoint["loss_since_log"][1]
     torch.set_rng_state(checkpoint["rng"]["torch"])
     if device_type == "cuda" and len(checkpoint["rng"]["cuda"]):
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
@@ -300,8 +272,10 @@ checkpoint = None  # free the memory
 model = torch.compile(raw_model) if compile else raw_model
 eval_model = model
 if ddp:
-    # broadcast_buffers off: the only buffers are the RoPE tables, the same on every rank
-    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, broadcast_buffers=False)
+    # the only buffers are the RoPE tables, the same on every rank: no need to sync them before each forward
+    # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **{no_sync: False})
 
 if not os.path.isfile(meta["tokenizer"]):
     die(f"tokenizer {meta['tokenizer']} named in {meta_path} not found; run tokenizer.py and prepare.py again")
@@ -312,11 +286,14 @@ token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=
 
 
 def save_checkpoint():
+    """Write ckpt.pt atomically (a temporary file, fsynced, renamed over the old one). It keeps the tokenizer's
+    bytes, so sample.py needs nothing else, and the meta.json of the bins, so a resume can check them."""
     state = {
         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model_config),
-        "train_config": config, "iter_num": iter_num, "best_val_loss": best_val_loss, "tokenizer": meta["tokenizer"],
+        "train_config": config, "iter_num": iter_num, "best_val_loss": best_val_loss,
+        "tokenizer": {"file": os.path.abspath(meta["tokenizer"]), "sha256": tokenizer.sha256(), "model": tokenizer.proto},
+        "meta": meta, "loss_since_log": (loss_sum.item(), loss_steps),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else torch.empty(0)},
-        "data": {"dataset": dataset, "seed": seed, "next_step": iter_num},  # batches are a function of (seed, step)
     }
     tmp = ckpt_path + ".tmp"
     with open(tmp, "wb") as f:
@@ -379,7 +356,6 @@ def device_peak_flops():
 # training loop
 log_file = None
 if master:
-    os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "log.jsonl")
     kept = []
     if init_from == "resume" and os.path.isfile(log_path):  # a killed run logged past its checkpoint: drop that part
@@ -389,10 +365,14 @@ if master:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 pass  # a line torn by the kill
-    with open(log_path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(log_path + ".tmp", log_path)
-    log_file = open(log_path, "a")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(log_path + ".tmp", log_path)
+        log_file = open(log_path, "a")
+    except OSError as e:
+        die(f"cannot write to out_dir={out_dir}: {e.strerror}; choose another --out_dir")
     print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile} | "
           f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}")
     print(f"val loss to beat: {meta['unigram_entropy']:.4f}, the unigram entropy of train.bin (nats per token)")
@@ -412,7 +392,7 @@ def log(record, line):
 peak = device_peak_flops() * world_size
 flops_per_step = raw_model.flops_per_token() * tokens_per_step
 start_iter = iter_num
-t_last, ms_per_step, loss_sum = time.time(), 0.0, torch.zeros((), device=device)
+t_last, timed_steps, ms_per_step = time.time(), 0, 0.0
 while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         if iter_num > start_iter or init_from == "scratch":  # a resumed run has this evaluation already
@@ -420,11 +400,14 @@ while True:
             best_val_loss = min(best_val_loss, val_loss)
             log({"step": iter_num, "val_loss": val_loss, "val_bpb": val_bpb},
                 f"step {iter_num}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
+            if ddp:  # the checkpoint keeps the mean over ranks of the loss since the last log line
+                dist.all_reduce(loss_sum)
+                loss_sum /= world_size
             if master:
                 save_checkpoint()
                 if sample_tokens:
                     print(f"sample: {sample_story()!r}", flush=True)
-            t_last = time.time()  # evaluation time is not training time
+            t_last, timed_steps = time.time(), 0  # evaluation time is not training time
     if iter_num >= max_iters:
         break
 
@@ -443,17 +426,20 @@ while True:
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
+    loss_steps += 1
+    timed_steps += 1
 
     if iter_num % log_interval == 0 or iter_num == max_iters:
-        steps = min(iter_num % log_interval or log_interval, iter_num - start_iter)
         if ddp:
             dist.all_reduce(loss_sum)
             loss_sum /= world_size
-        loss_value = loss_sum.item() / steps  # .item() waits for the device: once per log line only
-        loss_sum.zero_()
+        loss_value = loss_sum.item() / loss_steps  # .item() waits for the device: once per log line only
+        if iter_num % log_interval == 0:  # the last line of a run that stops between two keeps them for a resume
+            loss_sum.zero_()
+            loss_steps = 0
         now = time.time()
-        dt = (now - t_last) / steps
-        t_last = now
+        dt = (now - t_last) / timed_steps
+        t_last, timed_steps = now, 0
         # ETA from a running average of step time; the first interval (compilation, warm-up) is replaced, not averaged
         ms_per_step = dt * 1000 if iter_num - start_iter <= log_interval else 0.9 * ms_per_step + 0.1 * dt * 1000
         tokens_per_s = tokens_per_step / dt

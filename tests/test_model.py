@@ -3,6 +3,7 @@
 import math
 import os
 import runpy
+import sys
 
 import pytest
 import torch
@@ -158,3 +159,30 @@ def test_matches_transformers_llama():
     idx = torch.randint(0, 300, (2, 50))
     with torch.no_grad():
         torch.testing.assert_close(model(idx)[0], llama(idx).logits, rtol=1e-5, atol=1e-5)
+
+
+def trained_optimizer_state(fused):
+    """The state_dict of an optimizer after one step, as a checkpoint holds it."""
+    model = small_model()
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), fused=fused)
+    model(torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16)))[1].backward()
+    optimizer.step()
+    return optimizer.state_dict()
+
+
+def test_resumed_optimizer_state_lies_where_its_kernel_needs_it(monkeypatch):
+    # the "meta" device stands for a GPU: parameters that are not where the checkpoint's tensors were saved
+    optimizer_module = sys.modules[torch.optim.Optimizer.__module__]  # torch.optim hides its submodules' names
+    monkeypatch.setattr(optimizer_module, "_get_fused_kernels_supported_devices", lambda: ["cpu", "cuda", "meta"])
+    for saved_fused, fused, device in ((False, True, "meta"), (True, False, "cpu"), (False, False, "cpu")):
+        with torch.device(device):  # built there: moving a module to meta would untie its embedding
+            model = small_model()
+        optimizer = model.configure_optimizer(2e-3, 0.3, (0.8, 0.9), fused=fused, state=trained_optimizer_state(saved_fused))
+        decay, no_decay = optimizer.param_groups
+        assert decay["fused"] is fused and decay["betas"] == (0.8, 0.9) and decay["weight_decay"] == 0.3
+        assert no_decay["weight_decay"] == 0.0 and len(optimizer.state) == len(list(model.parameters()))
+        for p, state in optimizer.state.items():
+            assert state["exp_avg"].device == state["exp_avg_sq"].device == p.device
+            # the fused kernel reads `step` beside the parameters; the others want it on the host
+            assert state["step"].device == (p.device if fused else torch.device("cpu"))
+            assert state["step"].is_meta or state["step"].item() == 1

@@ -98,3 +98,13 @@ def test_bad_input_is_one_clear_line(tmp_path, bad_line, message):
     assert message in one_error_line(run("tokenizer.py", f"--input={corpus}", cwd=tmp_path))
     assert not (tmp_path / "tokenizers").exists()
     assert "below 65536" in one_error_line(run("tokenizer.py", f"--input={SAMPLE}", "--vocab_size=70000", cwd=tmp_path))
+
+
+def test_empty_input_too_small_a_vocab_and_no_room_for_the_model(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    assert "holds no stories" in one_error_line(run("tokenizer.py", "--input=empty.jsonl", cwd=tmp_path))
+    line = one_error_line(run("tokenizer.py", f"--input={SAMPLE}", "--vocab_size=10", cwd=tmp_path))
+    assert "vocab_size=10 is too small: this input needs at least" in line
+    (tmp_path / "tokenizers").write_text("a file where the folder would go")
+    line = one_error_line(run("tokenizer.py", f"--input={SAMPLE}", cwd=tmp_path))
+    assert "cannot write tokenizers/sample.model" in line and "is a file, not a folder" in line

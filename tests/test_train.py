@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, TINY, one_error_line, run
+from conftest import REPO, SAMPLE, TINY, one_error_line, run
 
 
 def train(cwd, *args):
@@ -84,6 +85,7 @@ def test_torchrun_two_processes_match_one(workdir):
                              os.path.join(REPO, "train.py"), *TINY, *args, "--out_dir=out/ddp"],
                             cwd=workdir, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
+    assert "Warning" not in result.stderr  # torch 2.13 deprecated broadcast_buffers
     single, ddp = log(workdir, "out/single"), log(workdir, "out/ddp")
     assert len(single) == len(ddp)
     for a, b in zip(single, ddp):
@@ -127,8 +129,17 @@ def test_sample_prints_stories(workdir):
     (["--nonsense=3"], "unknown setting 'nonsense'"),
     (["--eval_interval=0"], "eval_interval=0 must be at least 1"),
     (["--batch_size=0"], "batch_size=0 must be at least 1"),
-    (["--learning_rate=-1"], "must not be negative"),
-    (["--init_from=pretrained"], "use 'scratch' or 'resume'"),
+    (["--learning_rate=-1"], "learning_rate=-1.0 must be 0 or more"),
+    (["--n_ctx=0"], "n_ctx=0 must be at least 1"),
+    (["--seed=-1"], "seed=-1 must be between 0 and 2**63 - 1"),
+    (["--beta1=2"], "beta1=2.0 must be at least 0 and below 1"),
+    (["--min_lr_ratio=-5"], "min_lr_ratio=-5.0 must be between 0 and 1"),
+    (["--learning_rate=1e999"], "learning_rate=inf must be a finite number"),
+    (["--norm_eps=0"], "norm_eps=0.0 must be positive"),
+    (["--dtype=float16"], "must be 'auto', 'float32' or 'bfloat16'"),
+    (["--device=foo"], "device='foo' is not a device here"),
+    (["--device=cuda"], "torch sees no GPU"),
+    (["--init_from=pretrained"], "must be 'scratch' or 'resume'"),
     (["--x={[1]: 2}"], "unknown setting 'x'"),
     (["--max_iters=ten"], "max_iters must be a int"),
     (["--compile=1"], "compile must be a bool"),
@@ -154,8 +165,9 @@ def test_tokenizer_must_match_the_bins(tmp_workdir):
 def test_bad_config_files(workdir, tmp_path):
     config = tmp_path / "bad.py"
     for text, message in [("import os\n", "only `name = value` lines"), ("n_layers = 2 * 3\n", "must be a literal"),
-                          ("typo_key = 1\n", "unknown setting 'typo_key'"), ("n_layers = \n", "not valid Python")]:
-        config.write_text(text)
+                          ("typo_key = 1\n", "unknown setting 'typo_key'"), ("n_layers = \n", "not valid Python"),
+                          ("dataset = 'caf\xe9'\n", "not UTF-8")]:
+        config.write_bytes(text.encode("latin-1"))
         assert message in one_error_line(run("train.py", str(config), *TINY, cwd=workdir))
     assert "cannot read config" in one_error_line(run("train.py", str(tmp_path / "none.py"), cwd=workdir))
 
@@ -183,8 +195,9 @@ def test_corrupt_checkpoint(workdir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num_samples=0"], "at least 1"), (["--temperature=-1"], "must not be negative"), (["--top_p=0"], "(0, 1]"),
-    (["--prompt_file=nope.txt"], "does not exist"), (["--prompt=" + "word " * 600], "leaving no room"),
+    (["--num_samples=0"], "at least 1"), (["--temperature=-1"], "finite number, 0 or more"),
+    (["--temperature=nan"], "finite number"), (["--device=cuda"], "torch sees no GPU"), (["--device=tpu"], "not a device"), (["--top_p=0"], "(0, 1]"),
+    (["--prompt_file=nope.txt"], "No such file"), (["--prompt=" + "word " * 600], "leaving no room"),
     (["--out_dir=out/none"], "train a model with train.py"),
 ])
 def test_sample_bad_arguments(workdir, args, message):
@@ -192,3 +205,116 @@ def test_sample_bad_arguments(workdir, args, message):
     if not out.exists():
         train(workdir, "--max_iters=1", "--eval_interval=1", f"--out_dir={out}")
     assert message in one_error_line(run("sample.py", f"--out_dir={out}", *args, cwd=workdir))
+
+
+def fake_gpu(cwd, script, *args):
+    """Run a script as on a machine with one CUDA GPU (tests/fake_cuda.py: a CPU posing as an H100)."""
+    return subprocess.run([sys.executable, os.path.join(REPO, "tests", "fake_cuda.py"), os.path.join(REPO, script), *args],
+                          cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_readme_gpu_command_starts_on_one_gpu(workdir):
+    # `python train.py configs/5m.py` with only what makes it small enough for a CPU
+    result = fake_gpu(workdir, "train.py", os.path.join(REPO, "configs", "5m.py"), "--dataset=sample", "--out_dir=out/gpu", "--max_iters=2",
+                      "--tokens_per_step=2048", "--eval_interval=2", "--eval_seqs=2", "--log_interval=1", "--warmup_iters=1",
+                      "--sample_tokens=8", "--compile=False")
+    assert result.returncode == 0, result.stderr
+    assert "5,374,208 parameters | 1 x cuda:0 bfloat16" in result.stdout and "Warning" not in result.stderr
+    steps = [r for r in log(workdir, "out/gpu") if "loss" in r]
+    assert len(steps) == 2 and all(0 < r["mfu"] < 1 for r in steps)  # the H100's peak came from the table
+    ckpt = torch.load(workdir / "out" / "gpu" / "ckpt.pt", weights_only=True)
+    assert all(group["fused"] for group in ckpt["optimizer"]["param_groups"]) and len(ckpt["rng"]["cuda"]) > 0
+
+
+def test_cpu_checkpoint_resumes_on_a_gpu_and_samples_there(workdir):
+    cpu = [a for a in TINY if not a.startswith("--device")]  # device 'auto': the CPU here, the GPU there
+    result = run("train.py", *cpu, "--max_iters=4", "--eval_interval=4", "--out_dir=out/moved", cwd=workdir)
+    assert result.returncode == 0 and "1 x cpu float32" in result.stdout, result.stderr
+    result = fake_gpu(workdir, "train.py", "--init_from=resume", "--out_dir=out/moved", "--max_iters=8")
+    assert result.returncode == 0, result.stderr
+    assert "1 x cuda:0 bfloat16" in result.stdout and [r["step"] for r in log(workdir, "out/moved")][-1] == 8
+    result = fake_gpu(workdir, "sample.py", "--out_dir=out/moved", "--device=cuda", "--num_samples=2", "--max_new_tokens=8")
+    assert result.returncode == 0 and result.stdout.count("-" * 40) == 2, result.stderr
+
+
+def test_gpu_index_beyond_the_gpus_is_refused(workdir):
+    result = fake_gpu(workdir, "train.py", *TINY, "--device=cuda:3", "--out_dir=out/nowhere")
+    assert "device=cuda:3 but torch sees 1 GPU(s)" in one_error_line(result)
+
+
+def test_no_arguments_and_help(workdir):
+    line = one_error_line(run("train.py", cwd=workdir))
+    assert "configs/quickstart.py" in line and "--help" in line
+    result = run("train.py", "--help", cwd=workdir)
+    described = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith("  --")}
+    assert result.returncode == 0 and "--seed=1337" in described and "--n_layers=6" in described, result.stdout
+    assert all(described.values())  # each setting says what it does
+
+
+def test_config_files_count_as_much_as_flags_on_resume(workdir, tmp_path):
+    train(workdir, "--max_iters=4", "--eval_interval=4", "--out_dir=out/configured")
+    config = tmp_path / "longer.py"
+    config.write_text("max_iters = 8\n")
+    result = run("train.py", str(config), "--init_from=resume", "--out_dir=out/configured", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(workdir / "out" / "configured" / "ckpt.pt", weights_only=True)["iter_num"] == 8
+    config.write_text("max_iters = 12\nn_layers = 3\n")
+    line = one_error_line(run("train.py", str(config), "--init_from=resume", "--out_dir=out/configured", cwd=workdir))
+    assert "n_layers (2 -> 3)" in line
+
+
+def test_resume_refuses_bins_or_tokenizer_made_since(workdir, tmp_workdir):
+    train(tmp_workdir, "--max_iters=2", "--eval_interval=2", "--out_dir=out/pinned")
+    sampled = run("sample.py", "--out_dir=out/pinned", "--max_new_tokens=20", cwd=tmp_workdir)
+    assert sampled.returncode == 0, sampled.stderr
+    # a tokenizer trained again, of the same size, on more stories, and the bins prepared with it
+    (tmp_workdir / "data" / "other").mkdir()
+    extra = json.dumps({"story": "Quizzical zebras jogged by wavy fjords. " * 30}) + "\n"
+    (tmp_workdir / "data" / "other" / "stories.jsonl").write_text(open(SAMPLE).read() + extra)
+    for script, args in (("tokenizer.py", ["--input=data/other/stories.jsonl", "--name=sample"]),
+                         ("prepare.py", ["--input=data/other/stories.jsonl", "--tokenizer=tokenizers/sample.model",
+                                         "--out_dir=data/sample"])):
+        assert run(script, *args, cwd=tmp_workdir).returncode == 0
+    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/pinned", "--max_iters=4", cwd=tmp_workdir))
+    assert "data/sample was prepared again" in line and "tokenizer sha256" in line and "train tokens" in line
+    # sample.py decodes with the tokenizer saved in the checkpoint, whatever lies in tokenizers/, from any folder
+    elsewhere = run("sample.py", f"--out_dir={tmp_workdir / 'out' / 'pinned'}", "--max_new_tokens=20", cwd=tmp_workdir / "data")
+    assert elsewhere.returncode == 0 and elsewhere.stdout == sampled.stdout, elsewhere.stderr
+
+
+def test_resume_past_max_iters(workdir):
+    train(workdir, "--max_iters=4", "--eval_interval=4", "--out_dir=out/finished")
+    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/finished", "--max_iters=2", cwd=workdir))
+    assert "at step 4, past max_iters=2" in line
+    result = run("train.py", "--init_from=resume", "--out_dir=out/finished", cwd=workdir)
+    assert result.returncode == 0 and "nothing to train" in result.stdout
+
+
+def test_resume_between_two_log_lines_logs_the_same_losses(workdir):
+    args = ["--eval_interval=6", "--log_interval=4"]  # the checkpoint at step 6 falls inside a log interval
+    train(workdir, *args, "--max_iters=14", "--out_dir=out/whole")
+    train(workdir, *args, "--max_iters=6", "--lr_decay_iters=14", "--out_dir=out/halves")
+    result = run("train.py", "--init_from=resume", "--out_dir=out/halves", "--max_iters=14", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    whole = [(r["step"], r.get("loss"), r.get("val_loss")) for r in log(workdir, "out/whole")]
+    halves = [(r["step"], r.get("loss"), r.get("val_loss")) for r in log(workdir, "out/halves")]
+    assert halves == whole[:2] + [(6, halves[2][1], None)] + whole[2:]  # and the last line of the first half
+
+
+def test_out_dir_that_cannot_be_made(tmp_workdir):
+    (tmp_workdir / "blocker").write_text("a file where a folder would go")
+    line = one_error_line(run("train.py", *TINY, "--out_dir=blocker/run", cwd=tmp_workdir))
+    assert "out_dir=blocker/run cannot be written" in line and "blocker is a file, not a folder" in line
+
+
+def test_sample_greedy_at_a_tiny_temperature_and_a_prompt_file_without_prompts(workdir, tmp_path):
+    out = workdir / "out" / "tiny_sampler"
+    if not out.exists():
+        train(workdir, "--max_iters=1", "--eval_interval=1", f"--out_dir={out}")
+    args = [f"--out_dir={out}", "--max_new_tokens=30", "--num_samples=1"]
+    tiny = run("sample.py", *args, "--temperature=1e-45", cwd=workdir)
+    greedy = run("sample.py", *args, "--temperature=0", cwd=workdir)
+    assert tiny.returncode == 0 and tiny.stdout == greedy.stdout, tiny.stderr
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n  \n\n")
+    assert "has no prompts" in one_error_line(run("sample.py", f"--out_dir={out}", f"--prompt_file={blank}", cwd=workdir))

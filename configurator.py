@@ -1,0 +1,146 @@
+"""Settings and devices for the scripts: config files, --key=value flags, their checks, and the device to run on.
+
+A config file holds plain `name = value` lines (values are Python literals, read with ast, never run);
+--key=value flags come after config files and override them. A script's settings are its globals with
+their defaults, each with a trailing comment that --help prints:
+
+    DEFAULTS = {"n_layers": 6, ...}
+    given = configurator.parse(sys.argv[1:], DEFAULTS)        # what the command line sets, type-checked
+    configurator.check({**DEFAULTS, **given}, CHECKS)          # the range of each number
+    device = configurator.pick_device("auto")                  # 'cuda:0' on a GPU machine, else 'cpu'
+
+Every problem ends the script with one `error: ...` line that names the setting and where it was given.
+"""
+
+import ast
+import math
+import os
+import re
+import sys
+
+
+def die(message):
+    sys.exit(f"error: {message}")
+
+
+def read_config(path):
+    """[(key, value, where)] for each `name = value` line of a config file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read(), path)
+    except OSError as e:
+        die(f"cannot read config file {path}: {e.strerror}")
+    except UnicodeDecodeError:
+        die(f"config file {path} is not UTF-8 text; save it as UTF-8")
+    except SyntaxError as e:
+        die(f"{path} line {e.lineno}: not valid Python ({e.msg})")
+    settings = []
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # docstring
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            die(f"{path} line {node.lineno}: a config file holds only `name = value` lines")
+        try:
+            value = ast.literal_eval(node.value)
+        except (ValueError, TypeError, MemoryError, RecursionError):
+            die(f"{path} line {node.lineno}: the value of {node.targets[0].id} must be a literal (a number, string or bool)")
+        settings.append((node.targets[0].id, value, f"{path} line {node.lineno}"))
+    return settings
+
+
+def parse(argv, defaults):
+    """{key: value} of the settings that config files and --key=value flags in argv give, in order, later ones
+    winning. Each key must be in defaults and each value of its default's type (an int is taken for a float)."""
+    settings = []
+    for arg in argv:
+        if not arg.startswith("--"):
+            settings += read_config(arg)
+            continue
+        key, eq, text = arg[2:].partition("=")
+        if not eq:
+            die(f"flag {arg} has no value; write --{key}=VALUE")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            value = text  # a bare word: --dataset=sample
+        settings.append((key, value, arg))
+    given = {}
+    for key, value, where in settings:
+        if key not in defaults:
+            die(f"unknown setting {key!r} ({where}); --help lists the settings")
+        expected = type(defaults[key])
+        if expected is float and type(value) is int:
+            value = float(value)
+        if expected is str and type(value) is not str:
+            value = where.partition("=")[2] if where.startswith("--") else value  # --out_dir=1 is the folder "1"
+        if type(value) is not expected:
+            die(f"setting {key} must be a {expected.__name__}, got {value!r} ({where})")
+        given[key] = value
+    return given
+
+
+def check(settings, checks):
+    """End with one line if a number is not finite or a setting is out of its range. checks is a list of
+    (keys, test, what the test asks for), e.g. (("beta1", "beta2"), lambda v: 0 <= v < 1, "in [0, 1)")."""
+    for key, value in settings.items():
+        if type(value) is float and not math.isfinite(value):
+            die(f"setting {key}={value} must be a finite number")
+    for keys, test, wanted in checks:
+        for key in keys:
+            if not test(settings[key]):
+                die(f"setting {key}={settings[key]!r} must be {wanted}")
+
+
+def descriptions(path):
+    """{name: comment} for each `name = value  # comment` line of a script: its settings, described."""
+    pattern = re.compile(r"^(\w+) = .*?  # (.*)$")
+    with open(path, encoding="utf-8") as f:
+        return {m.group(1): m.group(2) for m in map(pattern.match, f) if m}
+
+
+def help_text(doc, defaults, path):
+    """The script's docstring, then every setting with its default and its description."""
+    about = descriptions(path)
+    width = max(len(f"--{k}={v!r}") for k, v in defaults.items())
+    lines = [f"  {f'--{k}={v!r}':{width}}  {about.get(k, '')}".rstrip() for k, v in defaults.items()]
+    return f"{doc}\nsettings, their defaults and what they do:\n" + "\n".join(lines)
+
+
+def pick_device(name, local_rank=None):
+    """The device to run on, as a torch device string, for a --device setting: 'auto' (a GPU if torch sees
+    one, else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'. A GPU is made the current one, with its index:
+    'cuda' is GPU 0, or GPU local_rank in a torchrun process."""
+    import torch  # here, not at the top: the scripts that only read settings start faster
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        die(f"device={name!r} is not a device here; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            die(f"device={name!r} but torch sees no GPU; use --device=cpu, or install a CUDA build of torch")
+        index = local_rank if local_rank is not None else device.index or 0
+        if index >= torch.cuda.device_count():
+            die(f"device=cuda:{index} but torch sees {torch.cuda.device_count()} GPU(s); use another --device")
+        torch.cuda.set_device(index)  # takes an index: a bare 'cuda' is refused
+        return f"cuda:{index}"
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        die(f"device={name!r} but torch sees no Apple GPU; use --device=cpu")
+    return device.type
+
+
+def folder_problem(path):
+    """Why the folder path could not be made or written into, or None; checked before long work, without
+    making anything (the folder is made when the first file goes in)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only"
+    return None
