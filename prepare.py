@@ -1,15 +1,19 @@
 """Tokenize stories into the flat token files train.py reads.
 
     python prepare.py --input=data/sample/stories.jsonl --tokenizer=tokenizers/sample.model
-    python prepare.py --input='data/simplestories/*.parquet' --tokenizer=tokenizers/simplestories.model
+    python prepare.py --input=hf:SimpleStories/SimpleStories --tokenizer=tokenizers/simplestories.model
+    python prepare.py --input='data/simplestories/data/train-*.parquet' --val_input='data/simplestories/data/test-*.parquet' \
+        --tokenizer=tokenizers/simplestories.model --out_dir=data/simplestories
 
-Writes to --out_dir (default: the input's folder):
+Writes to --out_dir (default: the input's folder, or data/<name> for a hub dataset):
     train.bin, val.bin   every story as BOS story EOS, concatenated; little-endian uint16 token ids
     train.idx, val.idx   token offset of each story's BOS; little-endian uint64
     meta.json            vocab size, special ids, tokenizer file and sha256, counts, the split rule
 
 A story goes to val when the hash of its id falls under --val_fraction, so adding stories never
-moves an old one across splits. Stories are streamed and encoded in chunks on all cores, so memory
+moves an old one across splits. A dataset with a split of its own (the published test split) keeps
+it: --val_input goes to val.bin whole and --input to train.bin whole; a hub dataset
+(--input=hf:OWNER/NAME) does this by itself with its train and test (or validation) splits. Stories are streamed and encoded in chunks on all cores, so memory
 stays flat whatever the corpus size. Everything is written under temporary names and renamed at
 the end: an interrupted run leaves the previous output (or none), never bins that look complete.
 """
@@ -25,7 +29,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from tokenizer import Tokenizer, input_files, read_stories
+from tokenizer import HUB, VAL_SPLITS, Tokenizer, hub_splits, input_files, input_name, parse_hub, read_stories
 
 SPLITS = ("train", "val")
 
@@ -36,24 +40,49 @@ def split_of(story_id, val_fraction):
     return "val" if h < val_fraction * 2**64 else "train"
 
 
-def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_stories=4096):
+def hub_val_input(input_spec):
+    """The val split of a hub dataset given as --input=hf:OWNER/NAME (no split named), or None."""
+    if not input_spec.startswith(HUB) or parse_hub(input_spec)[1]:
+        return None
+    repo_id = parse_hub(input_spec)[0]
+    splits = hub_splits(repo_id)
+    return next((f"{HUB}{repo_id}:{s}" for s in VAL_SPLITS if s in splits), None)
+
+
+def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_stories=4096, val_input=None):
+    """Tokenize the stories into out_dir; returns meta. With val_input, its stories make val.bin and
+    input_spec's make train.bin; without, each story's split comes from the hash of its id."""
     tok = Tokenizer(tokenizer_file)
     if tok.vocab_size >= 65536:
         raise ValueError(f"{tokenizer_file} has {tok.vocab_size} pieces, too many for uint16 token files; train a tokenizer with --vocab_size below 65536")
-    os.makedirs(out_dir, exist_ok=True)
     paths = {f"{s}.{ext}": os.path.join(out_dir, f"{s}.{ext}") for s in SPLITS for ext in ("bin", "idx")}
-    files = {name: open(path + ".tmp", "wb") for name, path in paths.items()}
+    files = {}
     counts = {s: {"stories": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     unigram = np.zeros(tok.vocab_size, dtype=np.int64)  # token frequencies in train, for the unigram baseline
     try:
+        try:
+            os.makedirs(out_dir, exist_ok=True)
+            for name, path in paths.items():
+                files[name] = open(path + ".tmp", "wb")
+        except OSError as e:
+            raise ValueError(f"cannot write to --out_dir={out_dir}: {e.strerror}") from None
         bar = tqdm(unit=" stories", desc="tokenizing", dynamic_ncols=True)
         start = time.time()
 
+        def stories():  # (split, id, story)
+            if val_input is None:
+                for sid, text in read_stories(input_spec):
+                    yield split_of(sid, val_fraction), sid, text
+            else:
+                for split, spec in (("train", input_spec), ("val", val_input)):
+                    for sid, text in read_stories(spec):
+                        yield split, sid, text
+
         def write(chunk):
-            encoded = tok.encode_many([text for _, text in chunk], bos=True, eos=True)
-            split = [split_of(sid, val_fraction) for sid, _ in chunk]
+            encoded = tok.encode_many([text for _, _, text in chunk], bos=True, eos=True)
+            split = [si for si, _, _ in chunk]
             for s in SPLITS:
-                rows = [(text, ids) for (_, text), ids, si in zip(chunk, encoded, split) if si == s]
+                rows = [(text, ids) for (_, _, text), ids, si in zip(chunk, encoded, split) if si == s]
                 if not rows:
                     continue
                 lengths = np.array([len(ids) for _, ids in rows], dtype="<u8")
@@ -70,7 +99,7 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
             bar.set_postfix_str(f"{tokens / (time.time() - start):,.0f} tokens/s")
 
         chunk = []
-        for item in read_stories(input_spec):
+        for item in stories():
             chunk.append(item)
             if len(chunk) == chunk_stories:
                 write(chunk)
@@ -80,6 +109,8 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
         bar.close()
         for s in SPLITS:
             if counts[s]["stories"] == 0:
+                if val_input is not None:
+                    raise ValueError(f"{val_input if s == 'val' else input_spec} holds no stories for {s}.bin")
                 raise ValueError(f"no stories went to {s} (val_fraction={val_fraction}, {counts['train']['stories'] + counts['val']['stories']} stories); give more stories or another --val_fraction")
         for f in files.values():
             f.flush()
@@ -94,8 +125,9 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
     meta = {
         "vocab_size": tok.vocab_size, "bos_id": tok.bos_id, "eos_id": tok.eos_id, "dtype": "uint16",
         "tokenizer": tokenizer_file, "tokenizer_sha256": tok.sha256(),
-        "input": input_spec, "val_fraction": val_fraction,
-        "split": "val if int.from_bytes(sha256(id)[:8], 'little') < val_fraction * 2**64, else train",
+        "input": input_spec, "val_input": val_input, "val_fraction": None if val_input else val_fraction,
+        "split": "train.bin from input, val.bin from val_input" if val_input else
+                 "val if int.from_bytes(sha256(id)[:8], 'little') < val_fraction * 2**64, else train",
         **{s: counts[s] for s in SPLITS},
         # cross-entropy (nats per token) of predicting train tokens by their frequency alone: the loss to beat
         "unigram_entropy": float(-(p * np.log(p)).sum()),
@@ -113,16 +145,27 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", default="data/sample/stories.jsonl", help="stories: .jsonl, .parquet or .txt file, folder or glob")
+    parser.add_argument("--input", default="data/sample/stories.jsonl",
+                        help="stories: .jsonl, .parquet or .txt file, folder or glob, or hf:OWNER/NAME on the hub")
+    parser.add_argument("--val_input", default="", help="stories that make val.bin whole (then --input makes train.bin)")
     parser.add_argument("--tokenizer", default="tokenizers/sample.model", help="sentencepiece model from tokenizer.py")
-    parser.add_argument("--out_dir", default="", help="where the bins go (default: the input's folder)")
+    parser.add_argument("--out_dir", default="", help="where the bins go (default: the input's folder, data/<name> for hf:)")
     parser.add_argument("--val_fraction", type=float, default=0.05, help="share of stories that go to val.bin")
     parser.add_argument("--chunk_stories", type=int, default=4096, help="stories encoded and written at a time")
     args = parser.parse_args()
     if not 0 < args.val_fraction < 1:
         sys.exit(f"error: --val_fraction={args.val_fraction} must be between 0 and 1")
-    out_dir = args.out_dir or os.path.dirname(os.path.abspath(input_files(args.input)[0]))
-    meta = prepare(args.input, args.tokenizer, out_dir, args.val_fraction, args.chunk_stories)
+    if args.chunk_stories < 1:
+        sys.exit(f"error: --chunk_stories={args.chunk_stories} must be at least 1")
+    Tokenizer(args.tokenizer)  # a bad --tokenizer is reported before any download
+    val_input = args.val_input or hub_val_input(args.input)
+    if args.out_dir:
+        out_dir = args.out_dir
+    elif args.input.startswith(HUB):
+        out_dir = os.path.join("data", input_name(args.input))
+    else:
+        out_dir = os.path.dirname(os.path.abspath(input_files(args.input)[0]))
+    meta = prepare(args.input, args.tokenizer, out_dir, args.val_fraction, args.chunk_stories, val_input)
     for s in SPLITS:
         print(f"{os.path.join(out_dir, s + '.bin')}: {meta[s]['stories']:,} stories, {meta[s]['tokens']:,} tokens")
     print(f"unigram entropy of train.bin: {meta['unigram_entropy']:.3f} nats per token (the loss of a model that ignores context)")

@@ -85,3 +85,61 @@ def test_missing_input_and_tokenizer(tmp_workdir):
     assert "does not exist" in one_error_line(result)
     result = run("prepare.py", "--input=data/sample/stories.jsonl", "--tokenizer=tokenizers/none.model", cwd=tmp_workdir)
     assert "tokenizer.py" in one_error_line(result)
+
+
+def test_val_input_makes_val_whole(workdir, tmp_path):
+    lines = open(SAMPLE).readlines()
+    (tmp_path / "train.jsonl").write_text("".join(lines[:300]))
+    (tmp_path / "test.jsonl").write_text("".join(lines[300:]))
+    tok = Tokenizer(str(workdir / "tokenizers" / "sample.model"))
+    meta = prepare.prepare(str(tmp_path / "train.jsonl"), tok.model_file, str(tmp_path / "out"),
+                           val_input=str(tmp_path / "test.jsonl"))
+    for split, file in (("train", "train.jsonl"), ("val", "test.jsonl")):
+        assert decoded_stories(tmp_path / "out", split, tok) == [t for _, t in read_stories(str(tmp_path / file))]
+    assert meta["val_input"] == str(tmp_path / "test.jsonl") and meta["val_fraction"] is None
+
+
+def hub_cache(root, repo_id, shards):
+    """A Hugging Face hub cache holding a dataset snapshot laid out as the hub lays out parquet datasets;
+    with HF_HUB_OFFLINE=1, huggingface_hub's snapshot_download finds it there instead of downloading."""
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    repo = root / f"datasets--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0123abcd")
+    for name, stories in shards.items():
+        path = repo / "snapshots" / "0123abcd" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"story": stories, "theme": ["x"] * len(stories)}), path)
+    return {"HF_HUB_CACHE": str(root), "HF_HUB_OFFLINE": "1"}
+
+
+def test_hub_dataset_keeps_its_own_test_split(tmp_path):
+    stories = [t for _, t in read_stories(SAMPLE)]
+    env = hub_cache(tmp_path / "hub", "SimpleStories/SimpleStories", {
+        "data/train-00000-of-00002.parquet": stories[:150], "data/train-00001-of-00002.parquet": stories[150:320],
+        "data/test-00000-of-00001.parquet": stories[320:]})
+    result = run("tokenizer.py", "--input=hf:SimpleStories/SimpleStories", "--vocab_size=2048", cwd=tmp_path, env=env)
+    assert result.returncode == 0 and "tokenizers/simplestories.model" in result.stdout, result.stderr
+    result = run("prepare.py", "--input=hf:SimpleStories/SimpleStories", "--tokenizer=tokenizers/simplestories.model",
+                 cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    tok = Tokenizer(str(tmp_path / "tokenizers" / "simplestories.model"))
+    out = tmp_path / "data" / "simplestories"
+    assert decoded_stories(out, "train", tok) == stories[:320] and decoded_stories(out, "val", tok) == stories[320:]
+    meta = json.load(open(out / "meta.json"))
+    assert meta["val_input"] == "hf:SimpleStories/SimpleStories:test"
+    line = one_error_line(run("prepare.py", "--input=hf:Nobody/Nothing", "--tokenizer=tokenizers/simplestories.model",
+                              cwd=tmp_path, env=env))
+    assert "cannot get dataset Nobody/Nothing from the Hugging Face hub" in line
+    line = one_error_line(run("tokenizer.py", "--input=hf:SimpleStories/SimpleStories:validation", cwd=tmp_path, env=env))
+    assert "has no split 'validation' (it has test, train)" in line
+
+
+def test_not_a_tokenizer_and_an_out_dir_that_cannot_be_made(tmp_workdir):
+    (tmp_workdir / "notes.md").write_text("# not a model\n")
+    result = run("prepare.py", "--tokenizer=notes.md", cwd=tmp_workdir)
+    assert "notes.md is not a sentencepiece model" in one_error_line(result)
+    result = run("prepare.py", "--tokenizer=tokenizers/sample.model", "--out_dir=notes.md/bins", cwd=tmp_workdir)
+    assert "cannot write to --out_dir=notes.md/bins" in one_error_line(result)
