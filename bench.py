@@ -8,7 +8,6 @@ Usage:
 """
 
 import os
-import runpy
 import statistics
 import subprocess
 import sys
@@ -72,9 +71,11 @@ def median_seconds(fn, repeats, warmup=1):
 
 
 def suite_config(name):
+    from configurator import read_config
     from model import GPTConfig
 
-    settings = runpy.run_path(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py"))
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py")
+    settings = {key: value for key, value, _ in read_config(path)}
     return GPTConfig(**{k: settings[k] for k in ("n_layers", "d_model", "n_heads") if k in settings})
 
 

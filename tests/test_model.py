@@ -2,12 +2,12 @@
 
 import math
 import os
-import runpy
 import sys
 
 import pytest
 import torch
 
+from configurator import read_config
 from conftest import REPO
 from model import GPT, GPTConfig, apply_rope, rope_cos_sin
 
@@ -22,7 +22,7 @@ def small_model(seed=0, **overrides):
 
 @pytest.mark.parametrize("name", SUITE)
 def test_suite_parameter_counts(name):
-    settings = runpy.run_path(os.path.join(REPO, "configs", f"{name}.py"))
+    settings = {key: value for key, value, _ in read_config(os.path.join(REPO, "configs", f"{name}.py"))}
     model = GPT(GPTConfig(**{k: settings[k] for k in MODEL_KEYS if k in settings}))
     assert model.num_params() == SUITE[name]
     assert model.lm_head.weight is model.embed.weight
