@@ -1,4 +1,5 @@
-"""Settings and devices for the scripts: config files, --key=value flags, their checks, and the device to run on.
+"""What the scripts share: settings (config files, --key=value flags and their checks), the device to run
+on, and how they write files and end with an error.
 
 A config file holds plain `name = value` lines (values are Python literals, read with ast, never run);
 --key=value flags come after config files and override them. A script's settings are its globals with
@@ -9,7 +10,9 @@ their defaults, each with a trailing comment that --help prints:
     configurator.check({**DEFAULTS, **given}, CHECKS)          # the range of each number
     device = configurator.pick_device("auto")                  # 'cuda:0' on a GPU machine, else 'cpu'
 
-Every problem ends the script with one `error: ...` line that names the setting and where it was given.
+Every problem ends the script with one `error: ...` line (die) that names the setting and where it was
+given; code that other code calls raises ValueError instead, which a script's main turns into that line.
+A file is written whole or not at all (atomic_write), so a crash never leaves a half-written one.
 """
 
 import ast
@@ -17,10 +20,29 @@ import math
 import os
 import re
 import sys
+from contextlib import contextmanager
 
 
 def die(message):
+    """End the script with one line naming the problem (and what to do), exit status 1."""
     sys.exit(f"error: {message}")
+
+
+@contextmanager
+def atomic_write(path, mode="wb"):
+    """A file to write path through: a temporary file beside it, flushed to disk and renamed over path when
+    the block ends, removed if it fails. Readers see the old file or the new one, never a part."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def read_config(path):

@@ -23,12 +23,12 @@ import hashlib
 import itertools
 import json
 import os
-import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
+from configurator import atomic_write, die
 from tokenizer import HUB, VAL_SPLITS, Tokenizer, hub_splits, input_files, input_name, parse_hub, read_stories
 
 SPLITS = ("train", "val")
@@ -137,9 +137,8 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
         os.remove(meta_path)  # bins and an old meta.json never stand together
     for path in paths.values():
         os.replace(path + ".tmp", path)
-    with open(meta_path + ".tmp", "w") as f:
+    with atomic_write(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
-    os.replace(meta_path + ".tmp", meta_path)
     return meta
 
 
@@ -154,9 +153,9 @@ def main():
     parser.add_argument("--chunk_stories", type=int, default=4096, help="stories encoded and written at a time")
     args = parser.parse_args()
     if not 0 < args.val_fraction < 1:
-        sys.exit(f"error: --val_fraction={args.val_fraction} must be between 0 and 1")
+        die(f"--val_fraction={args.val_fraction} must be between 0 and 1")
     if args.chunk_stories < 1:
-        sys.exit(f"error: --chunk_stories={args.chunk_stories} must be at least 1")
+        die(f"--chunk_stories={args.chunk_stories} must be at least 1")
     Tokenizer(args.tokenizer)  # a bad --tokenizer is reported before any download
     val_input = args.val_input or hub_val_input(args.input)
     if args.out_dir:
@@ -175,4 +174,4 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        die(str(e))

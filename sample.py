@@ -13,12 +13,11 @@ import argparse
 import hashlib
 import math
 import os
-import sys
 from contextlib import nullcontext
 
 import torch
 
-from configurator import pick_device
+from configurator import die, pick_device
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -100,4 +99,4 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        die(str(e))

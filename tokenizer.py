@@ -20,11 +20,10 @@ import io
 import json
 import os
 import re
-import sys
 
 import sentencepiece as spm
 
-from configurator import folder_problem
+from configurator import atomic_write, die, folder_problem
 
 PARAGRAPH_BREAK = "\n\n"
 TEXT_SEPARATOR = "<|endoftext|>"
@@ -262,12 +261,10 @@ def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
             raise ValueError(f"the input is too small for vocab_size={vocab_size}: the largest vocab it supports is "
                              f"{largest.group(1)}; pass --vocab_size={largest.group(1)} or less, or give more stories") from None
         raise ValueError(f"sentencepiece could not train on {input_spec}: {e}") from None
-    tmp = model_file + ".tmp"
     try:
         os.makedirs(os.path.dirname(model_file) or ".", exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_write(model_file) as f:
             f.write(proto.getvalue())
-        os.replace(tmp, model_file)
     except OSError as e:
         raise ValueError(f"cannot write {model_file}: {e.strerror}") from None
 
@@ -281,9 +278,9 @@ def main():
     parser.add_argument("--max_paragraphs", type=int, default=2_000_000, help="train on a random sample of this many paragraphs at most")
     args = parser.parse_args()
     if args.vocab_size >= 65536:
-        sys.exit(f"error: vocab_size={args.vocab_size} does not fit the uint16 token bins; use a vocab below 65536")
+        die(f"vocab_size={args.vocab_size} does not fit the uint16 token bins; use a vocab below 65536")
     if args.vocab_size < 1 or args.max_paragraphs < 1:
-        sys.exit("error: --vocab_size and --max_paragraphs must be at least 1")
+        die("--vocab_size and --max_paragraphs must be at least 1")
     name = args.name or input_name(args.input)
     model_file = os.path.join("tokenizers", f"{name}.model")
     train(args.input, model_file, args.vocab_size, args.max_paragraphs)
@@ -302,4 +299,4 @@ if __name__ == "__main__":
     try:
         main()
     except ValueError as e:
-        sys.exit(f"error: {e}")
+        die(str(e))

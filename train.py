@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import configurator
-from configurator import die
+from configurator import atomic_write, die
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -295,12 +295,8 @@ def save_checkpoint():
         "meta": meta, "loss_since_log": (loss_sum.item(), loss_steps),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else torch.empty(0)},
     }
-    tmp = ckpt_path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(ckpt_path) as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, ckpt_path)
 
 
 def get_lr(step):
@@ -367,9 +363,8 @@ if master:
                 pass  # a line torn by the kill
     try:
         os.makedirs(out_dir, exist_ok=True)
-        with open(log_path + ".tmp", "w") as f:
+        with atomic_write(log_path, "w") as f:
             f.writelines(kept)
-        os.replace(log_path + ".tmp", log_path)
         log_file = open(log_path, "a")
     except OSError as e:
         die(f"cannot write to out_dir={out_dir}: {e.strerror}; choose another --out_dir")
