@@ -7,11 +7,28 @@ point, narrator persona, opening word type and letter, paragraph count) by a gen
 (seed, k) alone, each axis on its own, so a prompt never depends on the ones before it and shards
 never overlap. A prompt asks for --stories_per_prompt stories separated by a marker line; the answer
 is split, cleaned (typography to ASCII, titles, length, failed separators, exact duplicates) and
-appended to --out, one JSON record per story, flushed and fsynced after each completion. A run that
-stops (killed, crashed, Ctrl-C) and is started again with the same arguments skips the prompts it
-has done and ends with exactly --n_stories stories; a second run on the same --out meanwhile is refused.
-With --batch, the batches in flight are listed in <out>.batches.json with the arguments that made them,
-so a rerun polls them again instead of paying twice, and a rerun with other arguments is refused.
+appended to --out, one JSON record per story, flushed and fsynced after each completion. A prompt whose
+answer gives no usable story gets a line in <out>.dropped.jsonl instead (prompt_id, completion_id,
+finish_reason, removed: the count of each removal reason, prompt_tokens, completion_tokens), written
+with the same care, so that it is done too and not paid for again.
+
+A run that stops (killed, crashed, Ctrl-C) and is started again with the same arguments skips the
+prompts found in either file and ends with exactly --n_stories stories; a second run on the same --out
+meanwhile is refused. The arguments that make the prompts and the answers (--model, --temperature,
+--top_p, --stories_per_prompt, --max_tokens, --seed, --shard and the axes file's SHA-256) are kept in
+<out>.run.json, and a run with other ones on the same --out is refused, naming what differs. With
+--batch, the batches in flight are listed in <out>.batches.json, so a rerun polls them again instead of
+paying twice. A run that writes no story leaves none of these files, unless batches are in flight.
+
+A run stops by itself, non-zero, with one line that names the cause and what to do:
+- the server cannot be reached: one GET {base_url}/models, 10 s at most, before anything is sent;
+- --max_unusable answers in a row give no usable story (stories run together without the separator
+  line, cut at --max_tokens, not ASCII with --ascii, too short...), or, once 100 answers are in, the
+  usable stories are fewer than --min_yield of those asked for. A Batch run counts the requests that a
+  batch answers with an error too, and while --out holds no story it sends one probe batch of at most
+  32 requests at a time, so that a setup that gives nothing costs a few tens of requests;
+- max(--concurrency, 10) prompts in a row get no answer after all their retries, or fewer where the run
+  needs fewer prompts. While requests are retried a note on stderr says why, each time the reason changes.
 
 A record: id (the story's SHA-1, as tokenizer.py derives it), story (paragraphs separated by a blank
 line), the labels theme, topic, style, feature, grammar ("" if none), persona ("" if none),
@@ -67,9 +84,24 @@ MAX_BATCH_BYTES = 200 * 1000 * 1000
 MAX_BACKOFF = 60.0  # seconds; the longest wait between two tries of a request
 RETRIED_4XX = (408, 409, 429)  # request timeout, conflict, rate limit: worth another try; other 4xx answers are not
 MIN_GIVE_UPS = 10  # prompts in a row that get no answer before a live run stops (at least --concurrency of them)
+PREFLIGHT_TIMEOUT = 10.0  # seconds the server has to answer the GET /models that starts a run
+MIN_ANSWERS = 100  # answers in before a run's yield is judged against --min_yield
+PROBE_BATCH_SIZE = 32  # requests in the one batch in flight while --out holds no story: what a useless setup costs
 MAX_BATCH_FAILURES = 5  # batches in a row that fail for the same reason before a Batch run stops
 TOKENS_PER_PARAGRAPH = 75  # dry-run guess at output length: ~55 simple words a paragraph, ~1.3 tokens a word
 SEPARATOR = "###"  # the line the model puts between two stories
+HINTS = {  # why the stories of an answer were removed -> what to do when it happens to (nearly) all of them
+    "separator_failed": f"the model does not put a line with only {SEPARATOR} between stories; try"
+                        f" --stories_per_prompt=1 or another --model",
+    "truncated": "the answers are cut at --max_tokens; raise it",
+    "content_filter": "a content filter cuts the answers; try another --model or other --axes",
+    "non_ascii": "the stories are not in ASCII; --ascii=False for another language",
+    "too_short": "the stories are shorter than --min_words; lower it",
+    "too_long": "the stories are longer than --max_words; raise it",
+    "wrong_paragraphs": "the model does not write the paragraph count asked for; try another --model",
+    "empty": "the answers are empty or refusals; try another --model",
+    "duplicate": "the model writes the same stories again; raise --temperature",
+}
 
 # record label -> key in axes.json
 AXES = {"theme": "themes", "topic": "topics", "style": "styles", "feature": "features", "grammar": "grammar",
@@ -111,6 +143,11 @@ def parse_args(argv=None):
     p.add_argument("--max_words", type=int, default=1200, help="longer stories are dropped")
     p.add_argument("--ascii", type=boolean, default=True,
                    help="transliterate stories to ASCII and drop what cannot be; False for other scripts")
+    p.add_argument("--max_unusable", type=int, default=20,
+                   help="answers in a row that give no usable story before the run stops")
+    p.add_argument("--min_yield", type=float, default=0.1,
+                   help=f"the run stops when, after {MIN_ANSWERS} answers, the usable stories are fewer than this"
+                        f" share of the stories asked for")
     p.add_argument("--batch", type=boolean, nargs="?", const=True, default=False, help="use the Batch API")
     p.add_argument("--batch_size", type=int, default=MAX_BATCH_REQUESTS, help="requests in one batch")
     p.add_argument("--batches_in_flight", type=int, default=4)
@@ -125,9 +162,12 @@ def parse_args(argv=None):
     if not m or not int(m.group(1)) < int(m.group(2)):
         sys.exit(f"error: --shard={args.shard}: expected i/n with 0 <= i < n, e.g. --shard=0/4")
     args.shard_index, args.n_shards = int(m.group(1)), int(m.group(2))
-    for name in ("n_stories", "stories_per_prompt", "max_tokens", "concurrency", "batch_size", "batches_in_flight"):
+    for name in ("n_stories", "stories_per_prompt", "max_tokens", "concurrency", "batch_size", "batches_in_flight",
+                 "max_unusable"):
         if getattr(args, name) < 1:
             sys.exit(f"error: --{name}={getattr(args, name)}: must be at least 1")
+    if not 0 <= args.min_yield <= 1:
+        sys.exit(f"error: --min_yield={args.min_yield}: must be between 0 and 1")
     if args.seed < 0:
         sys.exit(f"error: --seed={args.seed}: must be >= 0")
     args.batch_size = min(args.batch_size, MAX_BATCH_REQUESTS)
@@ -146,6 +186,16 @@ def load_axes(path):
             raw = json.load(f)
     except (OSError, ValueError) as e:
         sys.exit(f"error: cannot read the axes file {path}: {e}")
+    if not isinstance(raw, dict):
+        sys.exit(f"error: {path} holds a JSON {type(raw).__name__}, not an object of axes at the top level;"
+                 f" copy the layout of the repo's axes.json")
+    optional = raw.get("optional", {})  # label: probability that the axis is present
+    if not isinstance(optional, dict):
+        sys.exit(f"error: 'optional' in {path} must be an object of label: probability, e.g. {{\"grammar\": 0.5}}")
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
     axes = {}
     for label, key in AXES.items():
         entry = raw.get(key)
@@ -156,22 +206,25 @@ def load_axes(path):
             values, weights = entry, [1.0] * len(entry)
         else:
             sys.exit(f"error: {path} has no list '{key}'; copy the layout of the repo's axes.json")
-        if not values or not all(isinstance(w, (int, float)) and w > 0 for w in weights):
+        if not values or not all(number(w) and w > 0 for w in weights):
             sys.exit(f"error: '{key}' in {path} must be non-empty, with positive weights")
         if label == "num_paragraphs":  # counts: numbers in a list, strings as the keys of a dict
             if not all(str(v).isdigit() and int(v) >= 1 for v in values):
                 sys.exit(f"error: '{key}' in {path} must be whole numbers >= 1, got {values}")
             values = [int(v) for v in values]
+        elif not all(isinstance(v, str) and v.strip() for v in values):
+            sys.exit(f"error: '{key}' in {path} must be non-empty strings, got"
+                     f" {next(v for v in values if not isinstance(v, str) or not v.strip())!r}")
         weights = np.array(weights, dtype=np.float64) / sum(weights)
-        if label in raw.get("optional", {}):  # present with this probability, else ""
-            present = raw["optional"][label]
-            if not 0 < present <= 1:
-                sys.exit(f"error: optional '{label}' in {path} must be a probability in (0, 1]")
+        if label in optional:  # present with this probability, else ""
+            present = optional[label]
+            if not number(present) or not 0 < present <= 1:
+                sys.exit(f"error: optional '{label}' in {path} must be a probability in (0, 1], got {present!r}")
             values, weights = [""] + values, np.concatenate([[1 - present], present * weights])
         axes[label] = (values, np.cumsum(weights))
     names = raw.get("names")
-    if not isinstance(names, list) or not names:
-        sys.exit(f"error: {path} has no list 'names' of character names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n.strip() for n in names):
+        sys.exit(f"error: {path} has no list 'names' of character names (non-empty strings)")
     return axes, names
 
 
@@ -359,14 +412,48 @@ def make_records(k, labels, prompt, body, args, out, removed, fixed):
 # output: crash-safe appends, resume
 
 
+def fingerprint(args):
+    """What makes the prompts and the answers: stories made with other values would be mixed in one output, and
+    the answers to batches sent with other values would be labelled with the wrong prompts."""
+    with open(args.axes, "rb") as f:
+        axes_sha256 = hashlib.sha256(f.read()).hexdigest()
+    return {"seed": args.seed, "axes_sha256": axes_sha256, "stories_per_prompt": args.stories_per_prompt,
+            "model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
+            "top_p": args.top_p, "shard": args.shard}
+
+
+def write_atomically(path, obj):
+    """Write obj as JSON: a crash leaves the old file or the new one, never a part."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+
+
+def complete_lines(file, path):
+    """(line number, line) of a file opened with "ab+"; a torn last line, the write a crash cut, is cut off."""
+    file.seek(0)
+    end = 0
+    for n, line in enumerate(tqdm(file, desc=f"reading {path}", unit=" lines", delay=2), start=1):
+        if not line.endswith(b"\n"):
+            print(f"note: cutting off a torn last line of {path}", file=sys.stderr)
+            file.truncate(end)
+            return
+        yield n, line
+        end += len(line)
+
+
 class Output:
-    """The stories file, locked against a second run: what it holds already (a torn last line is cut off) and
-    crash-safe appends."""
+    """The stories file, locked against a second run, and beside it <out>.dropped.jsonl (the prompts whose answer
+    gave no usable story) and <out>.run.json (the fingerprint of the arguments that made them): what they hold
+    already (a torn last line is cut off), crash-safe appends, and the refusal of other arguments."""
 
     def __init__(self, path, args, axes, names):
-        self.path = path
+        self.path = path = os.fspath(path)
+        self.dropped_path, self.run_path = path + ".dropped.jsonl", path + ".run.json"
         self.keys, self.prompt_ids, self.count = set(), set(), 0  # duplicate keys, prompts done, stories
-        self.n_writes, self.n_synced, self.sync_lock = 0, 0, asyncio.Lock()
+        self.n_writes, self.n_synced, self.unsynced, self.sync_lock = 0, 0, set(), asyncio.Lock()
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             self.file = open(path, "ab+")  # appends go to the end, whatever the reading below does
@@ -379,13 +466,27 @@ class Output:
             busy = True
         if busy:
             sys.exit(f"error: another run is writing {path}: let it finish, or use another --out")
-        self.file.seek(0)
-        end = 0
-        for n, line in enumerate(tqdm(self.file, desc=f"reading {path}", unit=" stories", delay=2), start=1):
-            if not line.endswith(b"\n"):  # the write that a crash interrupted
-                print(f"note: cutting off a torn last line of {path}", file=sys.stderr)
-                self.file.truncate(end)
-                break
+        try:
+            self.dropped = open(self.dropped_path, "ab+")
+            with open(self.run_path) as f:
+                made_with = json.load(f)
+            if not isinstance(made_with, dict):
+                raise ValueError(f"a JSON {type(made_with).__name__}, not an object")
+        except FileNotFoundError:
+            made_with = None
+        except (OSError, ValueError) as e:
+            sys.exit(f"error: {self.run_path} is damaged ({e}): restore or remove it, or use another --out")
+        wanted = fingerprint(args)
+        # what another fingerprint would be mixed with: stories, dropped prompts, batches in flight
+        held = any(os.fstat(f.fileno()).st_size for f in (self.file, self.dropped)) or os.path.exists(
+            path + ".batches.json")
+        if made_with is not None and held:
+            other = [f"another --axes file (sha256 {str(made_with.get(key))[:12]}, not {v[:12]})"
+                     if key == "axes_sha256" else f"--{key}={made_with.get(key)}, not {v}"
+                     for key, v in wanted.items() if made_with.get(key) != v]
+            if other:
+                sys.exit(f"error: {path} was made with {', '.join(other)}: use the same arguments, or another --out")
+        for n, line in complete_lines(self.file, path):
             try:
                 record = json.loads(line)
                 k, key = record["prompt_id"], duplicate_key(record["story"])
@@ -395,25 +496,39 @@ class Output:
             if k % args.n_shards != args.shard_index:
                 sys.exit(f"error: {path} holds prompt {k}, not of shard {args.shard}: give each shard its own"
                          f" --out")
-            if n == 1 and record.get("prompt") != next(prompts_for(axes, names, args, [k]))[2]:
+            # without the run file (deleted, or an output of an older version) the first record is the check
+            if n == 1 and made_with is None and record.get("prompt") != next(prompts_for(axes, names, args, [k]))[2]:
                 sys.exit(f"error: {path} was made with another --seed, --axes or --stories_per_prompt:"
                          f" use those, or another --out")
             self.keys.add(key)
             self.prompt_ids.add(k)
             self.count += 1
-            end += len(line)
+        for n, line in complete_lines(self.dropped, self.dropped_path):
+            try:
+                self.prompt_ids.add(json.loads(line)["prompt_id"])
+            except (ValueError, KeyError, TypeError):
+                sys.exit(f"error: line {n} of {self.dropped_path} is not a dropped prompt: fix or remove it, or use"
+                         f" another --out")
+        if made_with != wanted:
+            try:
+                write_atomically(self.run_path, wanted)
+            except OSError as e:
+                sys.exit(f"error: cannot write {self.run_path}: {e}")
 
-    def write(self, records):
-        """Append records as one write and flush it: a crash keeps all of them or a torn last line."""
+    def write(self, records, dropped=False):
+        """Append records (stories, or with dropped=True the lines of prompts that gave none) as one write and
+        flush it: a crash keeps all of them or a torn last line."""
         if not records:
             return
-        self.file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
-        self.file.flush()
+        file = self.dropped if dropped else self.file
+        file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
+        file.flush()
         self.n_writes += 1
-        for r in records:
-            self.keys.add(duplicate_key(r["story"]))
-            self.prompt_ids.add(r["prompt_id"])
-        self.count += len(records)
+        self.unsynced.add(file)
+        self.prompt_ids.update(r["prompt_id"] for r in records)
+        if not dropped:
+            self.keys.update(duplicate_key(r["story"]) for r in records)
+            self.count += len(records)
 
     async def sync(self):
         """Return once all writes so far are on disk. An fsync takes milliseconds, so it runs in a thread
@@ -422,16 +537,23 @@ class Output:
         wanted = self.n_writes
         async with self.sync_lock:
             if self.n_synced < wanted:
-                n_writes = self.n_writes
-                await asyncio.to_thread(os.fsync, self.file.fileno())
+                n_writes, files, self.unsynced = self.n_writes, self.unsynced, set()
+                for file in files:
+                    await asyncio.to_thread(os.fsync, file.fileno())
                 self.n_synced = n_writes
 
     def close(self):
         """Sync and close: the last writes may belong to requests cancelled while they waited for sync().
-        A file still empty is removed, so that a run that wrote nothing leaves nothing."""
-        os.fsync(self.file.fileno())
-        if os.fstat(self.file.fileno()).st_size == 0:
-            os.remove(self.path)
+        Empty files are removed, and a run that wrote no story leaves nothing but what a rerun needs to find
+        its batches in flight; the stories file goes last, as its lock keeps a second run out until then."""
+        sizes = [os.fstat(file.fileno()).st_size for file in (self.dropped, self.file)]
+        for file in (self.dropped, self.file):
+            os.fsync(file.fileno())
+        kept = sizes[1] > 0 or os.path.exists(self.path + ".batches.json")
+        for path, keep in ((self.dropped_path, kept and sizes[0]), (self.run_path, kept), (self.path, sizes[1])):
+            if not keep and os.path.exists(path):
+                os.remove(path)
+        self.dropped.close()
         self.file.close()
 
 # -----------------------------------------------------------------------------
@@ -452,6 +574,27 @@ def refusal(status, message):
                       f" other settings")
 
 
+def bad_key(args):
+    """The error for a 401 answer."""
+    return FatalError(f"the API rejected the key (401 Unauthorized): set OPENAI_API_KEY to a valid key for"
+                      f" {args.base_url or 'the OpenAI API'}")
+
+
+async def check_server(client, args):
+    """One GET /models, untried again, before the run: a wrong --base_url or a server that is down ends the
+    run in seconds, not after minutes of backoff. Any answer but a 401 means the server is there (some
+    servers list no models)."""
+    try:
+        await client.get("/models", cast_to=str, options={"timeout": PREFLIGHT_TIMEOUT})
+    except openai.APIStatusError as e:
+        if e.status_code == 401:
+            raise bad_key(args) from None
+    except openai.APIConnectionError as e:  # a timeout is one too
+        cause = f"no answer in {PREFLIGHT_TIMEOUT:g} s" if isinstance(e, openai.APITimeoutError) else e.__cause__ or e
+        raise FatalError(f"cannot reach {str(client.base_url).rstrip('/')} ({cause}): check --base_url and that the"
+                         f" server is running") from None
+
+
 def retry_after(headers):
     """Seconds the server asked us to wait (retry-after-ms or Retry-After), or None."""
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
@@ -462,7 +605,7 @@ def retry_after(headers):
     return None
 
 
-async def with_retries(call, args, stats):
+async def with_retries(call, args, progress):
     """await call() until it succeeds; retries rate limits, server errors, timeouts, dropped connections
     and answers that are not valid JSON, with exponential backoff and jitter (or as long as Retry-After
     says). Other 4xx answers raise FatalError, and so does a 429 for an account out of credit. Raises
@@ -474,8 +617,7 @@ async def with_retries(call, args, stats):
         except openai.APIStatusError as e:
             message = (e.body.get("message") if isinstance(e.body, dict) else None) or e.message
             if e.status_code == 401:
-                raise FatalError(f"the API rejected the key (401 Unauthorized): set OPENAI_API_KEY to a valid key"
-                                 f" for {args.base_url or 'the OpenAI API'}") from None
+                raise bad_key(args) from None
             if e.code == "insufficient_quota":  # a 429 that no wait cures
                 raise FatalError(f"the account has no quota left (429 insufficient_quota): {message}") from None
             if e.status_code < 500 and e.status_code not in RETRIED_4XX:
@@ -490,7 +632,7 @@ async def with_retries(call, args, stats):
         if attempt == args.max_retries:
             raise GaveUp(f"{attempt + 1} {'try' if attempt == 0 else 'tries'} failed, the last with {error}: check that"
                          f" {args.base_url or 'the OpenAI API'} answers, then run the same command again")
-        stats[f"retry {reason}"] += 1
+        progress.retrying(reason, error)
         # a server's wait within reason, spread so that the requests it stopped do not all come back at once
         await asyncio.sleep(min(wait, MAX_BACKOFF) * random.uniform(1.0, 1.2) if wait is not None else
                             random.uniform(0.5, 1.0) * min(MAX_BACKOFF, args.backoff * 2 ** attempt))
@@ -543,28 +685,88 @@ def expected_tokens(prompt, labels, args):
 
 
 class Progress:
-    """The progress bar and the run's counters, shared by the live loop and Batch mode."""
+    """The progress bar and the run's counters, shared by the live loop and Batch mode, and the rules that end a
+    run whose answers give (nearly) no usable story."""
 
     def __init__(self, args, out):
         self.args, self.out = args, out
         self.stats, self.removed, self.fixed = Counter(), Counter(), Counter()
+        self.answers, self.usable = 0, 0  # answers in this run, and the stories in them that pass the cleaning
+        self.unusable, self.unusable_reasons = 0, Counter()  # answers in a row with no usable story, and why
+        self.error = None  # the last error that a batch answered a request with
+        self.retries, self.waiting_for = 0, None  # retries in all, and the reason of the last one
         self.price = price_per_token(args)
         self.bar = tqdm(total=args.target, initial=out.count, unit=" stories", delay=1, dynamic_ncols=True)
 
     def add(self, k, labels, prompt, body):
-        """Write the cleaned stories of one completion, as many as the target still needs."""
-        records = make_records(k, labels, prompt, body, self.args, self.out, self.removed, self.fixed)
+        """Write the cleaned stories of one completion, as many as the target still needs, or, when it has none,
+        the prompt's line in the dropped file: either way the prompt is done and a rerun does not pay for it."""
+        removed = Counter()
+        records = make_records(k, labels, prompt, body, self.args, self.out, removed, self.fixed)
+        self.removed.update(removed)
         keep = max(0, self.args.target - self.out.count)
         self.stats["surplus"] += max(0, len(records) - keep)
-        self.out.write(records[:keep])
         prompt_tokens, completion_tokens = token_counts(body)
+        if records:
+            self.out.write(records[:keep])
+        else:
+            _, finish_reason, completion_id, _ = parse_completion(body)
+            self.out.write([{"prompt_id": k, "completion_id": completion_id, "finish_reason": finish_reason,
+                             "removed": dict(removed), "prompt_tokens": prompt_tokens,
+                             "completion_tokens": completion_tokens}], dropped=True)
+        self.tally(len(records), removed)
         self.stats["prompt_tokens"] += prompt_tokens
         self.stats["completion_tokens"] += completion_tokens
         self.stats["completions"] += 1
         self.bar.update(len(records[:keep]))
         tokens = self.stats["prompt_tokens"] + self.stats["completion_tokens"]
-        self.bar.set_postfix_str(f"{tokens:,} tokens" + (f", ${self.cost():,.2f}" if self.price else ""),
-                                 refresh=False)
+        self.bar.set_postfix_str(f"{tokens:,} tokens" + (f", ${self.cost():,.2f}" if self.price else "")
+                                 + (f", {self.retries:,} retries" if self.retries else ""), refresh=False)
+
+    def failed(self, error):
+        """Count a batch request answered with an error: paid for, and no story."""
+        self.stats["batch request errors"] += 1
+        self.error = error
+        self.tally(0, {"request_failed": 1})
+
+    def tally(self, n_usable, reasons):
+        """Count one answer, and why it gave no usable story, for check_yield."""
+        self.answers += 1
+        self.usable += n_usable
+        if n_usable:
+            self.unusable, self.unusable_reasons = 0, Counter()
+        else:
+            self.unusable += 1
+            self.unusable_reasons.update(reasons)
+
+    def check_yield(self):
+        """Raise FatalError when --max_unusable answers in a row gave no usable story, or when, once MIN_ANSWERS
+        are in, the usable stories are under --min_yield of those asked for: the answers will not get better
+        by asking again, and each costs money. The message names the main reason and what to do about it."""
+        args, asked = self.args, self.answers * self.args.stories_per_prompt
+        if self.unusable >= args.max_unusable:
+            what, reasons = f"{self.unusable} answers in a row gave no usable story", self.unusable_reasons
+        elif self.answers >= MIN_ANSWERS and self.usable < args.min_yield * asked:
+            what = (f"{self.usable:,} usable stories in {self.answers:,} answers that asked for {asked:,}, under"
+                    f" --min_yield={args.min_yield:g}")
+            reasons = self.removed + Counter(request_failed=self.stats["batch request errors"])
+        else:
+            return
+        main = max(reasons, key=reasons.get, default=None)
+        hint = (f"the batch answers its requests with an error ({self.error}); run the same command again later"
+                if main == "request_failed" else HINTS.get(main, f"the answers hold fewer stories than"
+                                                                 f" --stories_per_prompt={args.stories_per_prompt}"))
+        counts = ", ".join(f"{reason} {n:,}" for reason, n in reasons.most_common())
+        raise FatalError(f"{what} ({counts or 'stories missing'}): {hint}")
+
+    def retrying(self, reason, error):
+        """Count a retry, and say on stderr what the run waits for each time the reason changes."""
+        self.stats[f"retry {reason}"] += 1
+        self.retries += 1
+        if reason != self.waiting_for:
+            self.waiting_for = reason
+            self.bar.write(f"note: retrying requests that failed with {error} (retry {self.retries:,})",
+                           file=sys.stderr)
 
     def cost(self):
         return self.stats["prompt_tokens"] * self.price[0] + self.stats["completion_tokens"] * self.price[1]
@@ -577,9 +779,7 @@ async def run_live(client, args, axes, names, out, progress):
     prompts = iter_prompts(axes, names, args, skip=out.prompt_ids)
     limiter = RateLimiter(args.rpm, args.tpm)
     in_flight, fatal = 0, False
-    # a server that is down or refuses everything would have a run skip prompts forever; all those in flight
-    # give up together, so the count of prompts that may give up in a row is at least --concurrency
-    give_ups, max_give_ups = 0, max(args.concurrency, MIN_GIVE_UPS)
+    give_ups = 0  # prompts in a row that got no answer
     changed = asyncio.Condition()
 
     def finished():
@@ -603,16 +803,22 @@ async def run_live(client, args, axes, names, out, progress):
             return body
 
         try:
-            body = await with_retries(call, args, progress.stats)
+            body = await with_retries(call, args, progress)
         except GaveUp as e:  # the prompt is left for a later run
             progress.stats["gave up"] += 1
             give_ups += 1
-            if give_ups >= max_give_ups:
-                raise FatalError(f"{max_give_ups} prompts in a row got no answer: {e}") from None
+            # a server that is down or refuses everything would have a run skip prompts forever. All those in
+            # flight give up together, so at least --concurrency of them; at most the prompts the run still
+            # needs, or a small run would never get there
+            if give_ups >= min(max(args.concurrency, MIN_GIVE_UPS),
+                               math.ceil((args.target - out.count) / args.stories_per_prompt)):
+                raise FatalError(f"{give_ups} prompts in a row got no answer: {e}") from None
             return
         give_ups = 0
         limiter.refund(expected - sum(token_counts(body)))
         progress.add(k, labels, prompt, body)
+        if not fatal:  # the answers that come in while the run stops are kept; the first to stop it names the cause
+            progress.check_yield()
         await out.sync()
 
     async def worker():
@@ -647,53 +853,39 @@ async def run_live(client, args, axes, names, out, progress):
 # Batch API
 
 
-def fingerprint(args):
-    """What makes the prompts and the request bodies: the answers to batches sent with other values would be
-    labelled with the wrong prompts."""
-    with open(args.axes, "rb") as f:
-        axes_sha256 = hashlib.sha256(f.read()).hexdigest()
-    return {"seed": args.seed, "axes_sha256": axes_sha256, "stories_per_prompt": args.stories_per_prompt,
-            "model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature,
-            "top_p": args.top_p, "shard": args.shard}
-
-
 async def run_batch(client, args, axes, names, out, progress):
     """Submit request files to the Batch API, several in flight, poll them, parse what comes back into
     the same output and resubmit the requests that failed. The batches in flight are kept in a state
-    file beside the output, with the arguments that made them, so a restarted command polls them again
-    instead of paying twice."""
+    file beside the output (its run file vouches for the arguments that made them), so a restarted
+    command polls them again instead of paying twice. While the output holds no story, one probe batch
+    of at most PROBE_BATCH_SIZE requests is all that is in flight: a setup whose answers are all unusable
+    costs that much, not batches of 50,000."""
     state_path = args.out + ".batches.json"
-    made_with = fingerprint(args)
     in_flight = []  # {"input_file_id", "batch_id", "prompt_ids"} for each batch not yet parsed
     if os.path.exists(state_path):
         try:
             with open(state_path) as f:
-                state = json.load(f)
-            in_flight, other = state["batches"], [key for key, v in made_with.items() if state["args"][key] != v]
+                in_flight = json.load(f)["batches"]
         except (ValueError, KeyError, TypeError) as e:
             raise FatalError(f"{state_path} is damaged ({e!r}): restore it, or use another --out") from None
-        if other:
-            raise FatalError(f"{state_path} lists batches sent with another {', '.join(other)}: use the same"
-                             f" arguments, or another --out")
 
-    def save():  # atomically: a crash leaves the old state or the new one
-        with open(state_path + ".tmp", "w") as f:
-            json.dump({"args": made_with, "batches": in_flight}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(state_path + ".tmp", state_path)
+    def save():  # atomically, so a crash leaves the old state or the new one; no file once none is in flight
+        if in_flight:
+            write_atomically(state_path, {"batches": in_flight})
+        elif os.path.exists(state_path):
+            os.remove(state_path)
 
     async def start(entry):
         batch = await with_retries(lambda: client.batches.create(
             input_file_id=entry["input_file_id"], endpoint="/v1/chat/completions", completion_window="24h"),
-            args, progress.stats)
+            args, progress)
         entry["batch_id"] = batch.id
         progress.stats["batches"] += 1
         save()
 
     for entry in in_flight:
         if entry["batch_id"] is None:  # stopped between upload and saving the batch's id: it may exist already
-            recent = await with_retries(lambda: client.batches.list(limit=100), args, progress.stats)
+            recent = await with_retries(lambda: client.batches.list(limit=100), args, progress)
             found = [b.id for b in recent.data if b.input_file_id == entry["input_file_id"]]
             if found:
                 entry["batch_id"] = found[0]
@@ -710,9 +902,10 @@ async def run_batch(client, args, axes, names, out, progress):
     while out.count < args.target:
         pending = sum(len(entry["prompt_ids"]) for entry in in_flight)
         need = math.ceil((args.target - out.count) / args.stories_per_prompt) - pending
-        if need > 0 and len(in_flight) < max_in_flight and time.monotonic() >= hold_until:
+        probing = out.count == 0  # one small batch at a time until stories come back
+        if need > 0 and len(in_flight) < (1 if probing else max_in_flight) and time.monotonic() >= hold_until:
             lines, ids, size = [], [], 0
-            while len(ids) < min(need, args.batch_size):
+            while len(ids) < min(need, min(args.batch_size, PROBE_BATCH_SIZE) if probing else args.batch_size):
                 k, labels, prompt = next(prompts_for(axes, names, args, [resubmit.pop(0)]) if resubmit else prompts)
                 line = json.dumps({"custom_id": f"prompt-{k}", "method": "POST", "url": "/v1/chat/completions",
                                    "body": request_body(args, prompt)}).encode() + b"\n"
@@ -723,7 +916,7 @@ async def run_batch(client, args, axes, names, out, progress):
                 ids.append(k)
                 size += len(line)
             file = await with_retries(lambda: client.files.create(file=("requests.jsonl", b"".join(lines)),
-                                                                  purpose="batch"), args, progress.stats)
+                                                                  purpose="batch"), args, progress)
             progress.stats["requests"] += len(ids)
             in_flight.append({"input_file_id": file.id, "batch_id": None, "prompt_ids": ids})
             save()
@@ -732,7 +925,7 @@ async def run_batch(client, args, axes, names, out, progress):
         await asyncio.sleep(delay)
         delay = min(2 * delay, args.poll_interval)
         for entry in list(in_flight):
-            batch = await with_retries(lambda: client.batches.retrieve(entry["batch_id"]), args, progress.stats)
+            batch = await with_retries(lambda: client.batches.retrieve(entry["batch_id"]), args, progress)
             if batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
                 continue
             todo = sorted(k for k in entry["prompt_ids"] if k not in out.prompt_ids)  # not written before a crash
@@ -750,16 +943,18 @@ async def run_batch(client, args, axes, names, out, progress):
                 if failures[code] == MAX_BATCH_FAILURES:
                     raise FatalError(f"{MAX_BATCH_FAILURES} batches in a row failed ({code}:"
                                      f" {getattr(error, 'message', None) or 'no reason given'}); run the same command"
-                                     f" again later, it polls the batches still in flight, listed in {state_path}")
+                                     f" again later" + (f", it polls the batches still in flight, listed in"
+                                                        f" {state_path}" if in_flight else ""))
                 if code == "token_limit_exceeded":  # the organisation's queue of batch tokens is full: go smaller
                     args.batch_size = max(1, args.batch_size // 2)
                 hold_until = time.monotonic() + args.poll_interval
                 continue
-            answers, refused = {}, None  # completed, expired or cancelled: take what came back, resubmit the rest
+            # completed, expired or cancelled: take what came back, resubmit the rest
+            answers, errors, refused = {}, {}, None  # chat completions, and the errors that answered requests
             for file_id in (batch.output_file_id, batch.error_file_id):
                 if not file_id:
                     continue
-                content = await with_retries(lambda: client.files.content(file_id), args, progress.stats)
+                content = await with_retries(lambda: client.files.content(file_id), args, progress)
                 for line in content.content.splitlines():
                     try:
                         result = json.loads(line)
@@ -768,35 +963,45 @@ async def run_batch(client, args, axes, names, out, progress):
                         status, body = response.get("status_code"), response.get("body")
                         if status == 200:
                             answers[k] = body
-                        elif status is not None and 400 <= status < 500 and status not in RETRIED_4XX:
-                            refused = refusal(status, ((body or {}).get("error") or {}).get("message"))
+                        elif status is not None:  # billed; a request the batch never ran (expired) is not
+                            message = ((body or {}).get("error") or {}).get("message")
+                            errors[k] = f"{status} {message}"
+                            if 400 <= status < 500 and status not in RETRIED_4XX:
+                                refused = refusal(status, message)
                     except (ValueError, KeyError, TypeError, AttributeError):  # its request has no answer: failed
                         progress.stats["batch lines unreadable"] += 1
             for k, labels, prompt in prompts_for(axes, names, args, todo):
-                try:
-                    progress.add(k, labels, prompt, answers[k])
-                except (KeyError, ValueError):  # no answer, or not a chat completion
-                    tries[k] += 1
-                    progress.stats["batch requests failed"] += 1
-                    if tries[k] <= args.max_retries:
-                        resubmit.append(k)
+                error = errors.get(k)
+                if k in answers:
+                    try:
+                        progress.add(k, labels, prompt, answers[k])
+                        continue
+                    except ValueError as e:  # not a chat completion
+                        error = str(e)
+                if error:
+                    progress.failed(error)
+                tries[k] += 1
+                progress.stats["batch requests failed"] += 1
+                if tries[k] <= args.max_retries:
+                    resubmit.append(k)
             await out.sync()
             in_flight.remove(entry)
             save()
             if refused:  # the same request would be refused again: stop, as a live run does
                 raise refused
+            progress.check_yield()  # after the whole batch: its answers are paid for, whatever comes of them
             if batch.status != "completed":
                 progress.stats[f"batches {batch.status}"] += 1
             failures.clear()
             delay = min(1.0, args.poll_interval)
     for entry in in_flight:  # no longer needed (a rerun with a smaller --n_stories): stop paying for them
         try:
-            await with_retries(lambda: client.batches.cancel(entry["batch_id"]), args, progress.stats)
+            await with_retries(lambda: client.batches.cancel(entry["batch_id"]), args, progress)
             progress.stats["batches cancelled"] += 1
         except FatalError as e:
             print(f"note: could not cancel batch {entry['batch_id']}, no longer needed: {e}", file=sys.stderr)
-    if os.path.exists(state_path):
-        os.remove(state_path)
+    in_flight.clear()
+    save()
 
 # -----------------------------------------------------------------------------
 # dry run: axis counts, independence, cost
@@ -926,6 +1131,7 @@ def main(argv=None):
     async def run():
         async with openai.AsyncOpenAI(api_key=api_key, base_url=args.base_url, max_retries=0,
                                       timeout=args.timeout) as client:
+            await check_server(client, args)
             await (run_batch if args.batch else run_live)(client, args, axes, names, out, progress)
 
     t0, start_count = time.time(), out.count

@@ -2,7 +2,7 @@
 A local OpenAI-compatible HTTP server for the tests and benchmarks of generate_stories.py.
 
 It speaks the parts of the API that generate_stories.py uses, through the real `openai` client:
-    POST /v1/chat/completions, POST /v1/files, GET /v1/files/{id}, GET /v1/files/{id}/content,
+    GET /v1/models, POST /v1/chat/completions, POST /v1/files, GET /v1/files/{id}, GET /v1/files/{id}/content,
     POST /v1/batches, GET /v1/batches, GET /v1/batches/{id}, POST /v1/batches/{id}/cancel
 and writes plausible simple stories, deterministically from the prompt: as many as it asks for
 ("Write 4 short stories" / "Write a short story"), each with the paragraph count it asks for,
@@ -21,6 +21,8 @@ Faults, injected at random with probability `fault_rate` or queued with `inject(
     fewer       one story fewer than asked for
     merged      the stories without separator lines
 and, only when queued, answers that end a run: 400 and 403, and quota (429 insufficient_quota).
+With `answer_fault` one of truncated, fewer or merged, every answer has it, live and in batches, as a
+model that always makes that mistake (or a --max_tokens always too small) would.
 
 A batch goes through validating, in_progress and finalizing to completed in `batch_delay` seconds.
 In it, a request fails with probability `batch_fault_rate`: alternately an error-file line and a
@@ -54,6 +56,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 FAULTS = ("429", "500", "stall", "disconnect", "malformed", "truncated", "fewer", "merged")
 FATAL_FAULTS = ("400", "403", "quota")
+ANSWER_FAULTS = ("truncated", "fewer", "merged")  # faults of the answer's text, which may be a model's habit
+MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-nano", "gpt-5-nano")  # what GET /v1/models lists
 BATCH_FAULTS = ("failed", "expired", "garbled", "refused", "slow", "timeout")
 ERRORS = {  # status, and the error object of the answer
     "400": (400, {"message": "Invalid value for 'temperature'.", "type": "invalid_request_error", "code": None}),
@@ -95,8 +99,10 @@ class OpenAIServer:
     """The server's state, and the server itself in a background thread (a context manager)."""
 
     def __init__(self, latency=0.0, fault_rate=0.0, faults=FAULTS, stall=2.0, retry_after=0.05, retry_after_ms=True,
-                 api_key="sk-test-key", batch_delay=0.2, batch_fault_rate=0.0, seed=0, port=0):
+                 api_key="sk-test-key", batch_delay=0.2, batch_fault_rate=0.0, answer_fault=None, seed=0, port=0):
+        assert answer_fault in (None,) + ANSWER_FAULTS, answer_fault
         self.latency, self.fault_rate, self.faults, self.stall = latency, fault_rate, list(faults), stall
+        self.answer_fault = answer_fault
         self.retry_after, self.retry_after_ms = retry_after, retry_after_ms
         self.api_key, self.batch_delay, self.batch_fault_rate = api_key, batch_delay, batch_fault_rate
         self.rng = random.Random(seed)
@@ -158,6 +164,7 @@ class OpenAIServer:
 
     def completion(self, body, fault=None):
         """A chat completion object for a request body; faults that change the answer applied."""
+        fault = fault or self.answer_fault
         prompt = body["messages"][-1]["content"]
         m = N_STORIES_RE.search(prompt)
         n_stories = int(m.group(1)) if m else 1
@@ -254,6 +261,9 @@ class OpenAIServer:
             return 401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
                                    "code": "invalid_api_key"}}, {}
         path = path.split("?")[0].rstrip("/")
+        if method == "GET" and path == "/v1/models":
+            return 200, {"object": "list", "data": [{"id": m, "object": "model", "created": 1721172741,
+                                                     "owned_by": "system"} for m in MODELS]}, {}
         if method == "POST" and path == "/v1/chat/completions":
             self.count("chat")
             if self.latency:

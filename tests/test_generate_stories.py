@@ -7,12 +7,15 @@ unique ids, labels equal to the prompt's, nothing lost or doubled by a crash, th
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -23,7 +26,8 @@ import generate_stories as gs  # noqa: E402
 from openai_server import FAULTS, OpenAIServer  # noqa: E402
 
 KEY = "sk-test-7f3a9c2e51"  # distinctive, to look for it in every file and log
-AXES, NAMES = gs.load_axes(os.path.join(ROOT, "axes.json"))
+AXES_PATH = os.path.join(ROOT, "axes.json")
+AXES, NAMES = gs.load_axes(AXES_PATH)
 
 
 def args_for(*argv):
@@ -36,10 +40,10 @@ def generate(monkeypatch, server, out, *argv):
     gs.main([f"--base_url={server.url}", f"--out={out}", "--backoff=0.01", *argv])
 
 
-def start(server, out, *argv, key=KEY):
-    """Start generate_stories.py as a process against the server."""
+def start(url, out, *argv, key=KEY):
+    """Start generate_stories.py as a process against the server at url."""
     env = {**os.environ, "OPENAI_API_KEY": key}
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "generate_stories.py"), f"--base_url={server.url}",
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "generate_stories.py"), f"--base_url={url}",
                              f"--out={out}", "--backoff=0.01", *argv],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -172,6 +176,26 @@ def test_paragraph_counts_may_be_weighted_and_must_be_whole_numbers(tmp_path, ca
             gs.load_axes(forked_axes(tmp_path, num_paragraphs=bad))
         assert "\n" not in str(e.value)
 
+
+@pytest.mark.parametrize("changes, message", [
+    (None, r"holds a JSON list, not an object of axes at the top level"),
+    ({"optional": "grammar"}, r"'optional' in .* must be an object of label: probability"),
+    ({"optional": {"grammar": "half"}}, r"optional 'grammar' in .* must be a probability in \(0, 1\], got 'half'"),
+    ({"optional": {"persona": None}}, r"optional 'persona' in .* must be a probability in \(0, 1\], got None"),
+    ({"themes": ["Friendship", 3]}, r"'themes' in .* must be non-empty strings, got 3"),
+    ({"initial_word_types": {"noun": 1, "": 1}}, r"'initial_word_types' in .* must be non-empty strings, got ''"),
+    ({"names": ["Mia", ["Leo"]]}, r"has no list 'names' of character names \(non-empty strings\)"),
+])
+def test_bad_axes_file_ends_in_one_clear_line_naming_the_file_and_key(tmp_path, changes, message):
+    if changes is None:  # a list at the top level
+        path = tmp_path / "axes.json"
+        path.write_text(json.dumps([{"themes": ["Friendship"]}]))
+    else:
+        path = forked_axes(tmp_path, **changes)
+    with pytest.raises(SystemExit, match=rf"^error: .*{message}") as e:
+        gs.load_axes(str(path))
+    assert "\n" not in str(e.value) and str(path) in str(e.value)
+
 # -----------------------------------------------------------------------------
 # cleaning
 
@@ -266,7 +290,7 @@ def test_killed_run_restarted_ends_like_an_uninterrupted_one(monkeypatch, tmp_pa
         generate(monkeypatch, server, whole, "--n_stories=240", "--concurrency=4")
         assert server.stats["chat"] == 60
         out = tmp_path / "stories.jsonl"
-        proc = start(server, out, "--n_stories=240", "--concurrency=4")
+        proc = start(server.url, out, "--n_stories=240", "--concurrency=4")
         deadline = time.time() + 30
         while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 40):
             time.sleep(0.01)
@@ -276,7 +300,7 @@ def test_killed_run_restarted_ends_like_an_uninterrupted_one(monkeypatch, tmp_pa
         assert 40 <= n_before < 240
         with open(out, "a") as f:  # as if the machine died in the middle of a write
             f.write('{"id": "0123456789abcdef", "story": "Once upon a ti')
-        restarted = start(server, out, "--n_stories=240", "--concurrency=4")
+        restarted = start(server.url, out, "--n_stories=240", "--concurrency=4")
         stdout, stderr = restarted.communicate(timeout=60)
         assert restarted.returncode == 0, stderr
         assert "torn last line" in stderr
@@ -297,6 +321,52 @@ def test_finished_run_is_not_repeated_and_other_arguments_are_refused(monkeypatc
         generate(monkeypatch, server, out, "--n_stories=40", "--shard=1/2")
     generate(monkeypatch, server, out, "--n_stories=40")
     check_stories(out, 40)
+
+
+def test_resume_with_other_arguments_is_refused_naming_what_differs(monkeypatch, tmp_path, server):
+    out = tmp_path / "stories.jsonl"
+    generate(monkeypatch, server, out, "--n_stories=8")
+    assert json.loads(open(f"{out}.run.json").read()) == gs.fingerprint(args_for())
+    other_axes = forked_axes(tmp_path, names=NAMES[:5])
+    sha256 = [gs.fingerprint(args_for(f"--axes={axes}"))["axes_sha256"][:12] for axes in (AXES_PATH, other_axes)]
+    for other, made_with in (("--model=gpt-4o", "--model=gpt-4o-mini, not gpt-4o"),
+                             ("--temperature=0.7", "--temperature=1.0, not 0.7"),
+                             ("--top_p=0.9", "--top_p=1.0, not 0.9"),
+                             ("--stories_per_prompt=2", "--stories_per_prompt=4, not 2"),
+                             ("--max_tokens=2000", "--max_tokens=4096, not 2000"),
+                             ("--seed=3", "--seed=0, not 3"),
+                             (f"--axes={other_axes}", f"another --axes file (sha256 {sha256[0]}, not {sha256[1]})")):
+        for mode in ([], ["--batch"]):
+            with pytest.raises(SystemExit, match=f"^error: {re.escape(str(out))} was made with {re.escape(made_with)}:"
+                                                 f" use the same arguments, or another --out$"):
+                generate(monkeypatch, server, out, "--n_stories=16", other, *mode)
+    assert server.stats["chat"] == 2 and len(read(out)) == 8
+    # a run file deleted: the first record is the check, as for an output of an older version, and it is written again
+    os.remove(f"{out}.run.json")
+    with pytest.raises(SystemExit, match="was made with another --seed, --axes or --stories_per_prompt"):
+        generate(monkeypatch, server, out, "--n_stories=16", "--seed=3")
+    generate(monkeypatch, server, out, "--n_stories=16")
+    assert json.loads(open(f"{out}.run.json").read()) == gs.fingerprint(args_for())
+    check_stories(out, 16)
+
+
+def test_prompt_whose_stories_were_all_dropped_is_not_asked_again(monkeypatch, tmp_path, server):
+    out = tmp_path / "stories.jsonl"
+    server.inject("merged")  # prompt 0's stories run together: all dropped
+    generate(monkeypatch, server, out, "--n_stories=4", "--concurrency=1")
+    [dropped] = read(f"{out}.dropped.jsonl")
+    assert dropped["prompt_id"] == 0 and dropped["removed"] == {"separator_failed": 1}
+    assert dropped["finish_reason"] == "stop" and dropped["completion_id"].startswith("chatcmpl-")
+    assert dropped["prompt_tokens"] > 0 and dropped["completion_tokens"] > 0
+    with open(f"{out}.dropped.jsonl", "a") as f:  # as if the machine died in the middle of a write
+        f.write('{"prompt_id": 7, "complet')
+    generate(monkeypatch, server, out, "--n_stories=8", "--concurrency=1")
+    assert server.stats["chat"] == 3 and [r["prompt_id"] for r in read(f"{out}.dropped.jsonl")] == [0]
+    assert {r["prompt_id"] for r in check_stories(out, 8)} == {1, 2}
+    generate(monkeypatch, server, out, "--batch", "--n_stories=12", "--poll_interval=0.02")  # Batch mode too
+    submitted = [json.loads(line)["custom_id"] for f in server.files.values() if f["purpose"] == "batch"
+                 for line in f["content"].splitlines()]
+    assert submitted == ["prompt-3"] and {r["prompt_id"] for r in check_stories(out, 12)} == {1, 2, 3}
 
 
 def test_shards_together_make_the_whole_job(monkeypatch, tmp_path, server):
@@ -343,11 +413,11 @@ def test_requests_per_minute_limit(monkeypatch, tmp_path, server):
 
 def test_bad_key_ends_in_one_clear_line_and_writes_nothing(tmp_path, server):
     out = tmp_path / "stories.jsonl"
-    proc = start(server, out, "--n_stories=20", "--concurrency=4", key="sk-wrong-key")
+    proc = start(server.url, out, "--n_stories=20", "--concurrency=4", key="sk-wrong-key")
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert len(stderr.strip().splitlines()) == 1 and "401" in stderr and "OPENAI_API_KEY" in stderr
-    assert not out.exists() and len(server.log) <= 4  # the requests in flight at once, none retried
+    assert not out.exists() and [path for _, path, _ in server.log] == ["/v1/models"]  # met before any request
 
 
 def test_not_found_is_not_retried(monkeypatch, tmp_path, server):
@@ -355,7 +425,8 @@ def test_not_found_is_not_retried(monkeypatch, tmp_path, server):
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
         gs.main([f"--base_url={server.url}/nope", f"--out={tmp_path / 'stories.jsonl'}", "--n_stories=20",
                  "--concurrency=1"])
-    assert len(server.log) == 1
+    assert [(path, status) for _, path, status in server.log] == [("/v1/nope/models", 404),
+                                                                  ("/v1/nope/chat/completions", 404)]
 
 
 @pytest.mark.parametrize("fault, message", [("400", r"refused the request \(400\): Invalid value for 'temperature'"),
@@ -366,25 +437,152 @@ def test_refusals_and_an_account_out_of_credit_end_the_run_in_one_clear_line(mon
     server.inject(fault)
     with pytest.raises(SystemExit, match=f"^error: the {'account has' if fault == 'quota' else 'API'} {message}") as e:
         generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=20", "--concurrency=1")
-    assert "\n" not in str(e.value) and len(server.log) == 1
+    assert "\n" not in str(e.value) and server.stats["chat"] == 1
     assert not (tmp_path / "stories.jsonl").exists()
 
 
-def test_run_that_gets_no_answers_stops_in_one_clear_line(monkeypatch, tmp_path):
-    with socket.socket() as s:  # a port that nothing listens on
+def unused_url():
+    """The URL of a port that nothing listens on."""
+    with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        unused = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    argv = [f"--out={tmp_path / 'stories.jsonl'}", "--n_stories=200", "--concurrency=4", "--max_retries=1",
-            "--backoff=0.001"]
-    with pytest.raises(SystemExit, match=f"^error: 10 prompts in a row got no answer: 2 tries failed, the last with"
-                                         f" no connection .*: check that {unused} answers") as e:
-        gs.main([f"--base_url={unused}", *argv])
-    assert "\n" not in str(e.value)
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_server_that_cannot_be_reached_ends_the_run_in_seconds(monkeypatch, tmp_path):
+    url = unused_url()
+    proc = start(url, tmp_path / "stories.jsonl", "--n_stories=8")  # fewer prompts than --concurrency
+    stdout, stderr = proc.communicate(timeout=60)  # one GET, no backoff
+    assert proc.returncode != 0 and "Traceback" not in stderr
+    assert stderr.splitlines() == [f"error: cannot reach {url} (All connection attempts failed): check --base_url"
+                                   f" and that the server is running"]
+    assert os.listdir(tmp_path) == []
+    with socket.socket() as s:  # a server that takes the connection and never answers
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        monkeypatch.setattr(gs, "PREFLIGHT_TIMEOUT", 0.3)
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+        with pytest.raises(SystemExit, match=rf"^error: cannot reach {url} \(no answer in 0.3 s\): check --base_url"):
+            gs.main([f"--base_url={url}", f"--out={tmp_path / 'stories.jsonl'}", "--batch"])
+
+
+def test_run_that_gets_no_answers_stops_in_one_clear_line(monkeypatch, tmp_path):
+    argv = ["--concurrency=4", "--max_retries=1"]
     with OpenAIServer(fault_rate=1.0, faults=["500"], api_key=KEY) as server:
-        with pytest.raises(SystemExit, match="no answer: 2 tries failed, the last with 500 The server had an error"):
-            gs.main([f"--base_url={server.url}", *argv])
+        with pytest.raises(SystemExit, match="^error: 10 prompts in a row got no answer: 2 tries failed, the last with"
+                                             " 500 The server had an error.*: check that http.* answers") as e:
+            generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=200", *argv)
+        assert "\n" not in str(e.value)
         assert 20 <= server.stats["chat"] < 30  # 10 prompts, and those in flight beside them
+        chats = server.stats["chat"]
+        # a run that needs fewer prompts than that stops when those it needs got no answer
+        with pytest.raises(SystemExit, match="^error: 2 prompts in a row got no answer: 2 tries failed"):
+            generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=8", *argv)
+        assert server.stats["chat"] - chats <= 6  # the 2 prompts, and one begun beside them
+
+
+def test_a_run_that_waits_on_retries_says_for_what(monkeypatch, tmp_path, server, capsys):
+    server.inject("500", 2)
+    server.inject("429")
+    generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=4")
+    notes = [line.split("\r")[-1] for line in capsys.readouterr().err.split("\n") if "note:" in line]  # bar aside
+    assert notes == ["note: retrying requests that failed with 500 The server had an error. (retry 1)",
+                     "note: retrying requests that failed with 429 Rate limit reached. (retry 3)"]  # once per change
+
+
+@pytest.mark.parametrize("argv, answer_fault, reason, hint", [
+    ([], "merged", "separator_failed", "does not put a line with only ### between stories; try --stories_per_prompt=1"),
+    (["--max_tokens=60"], None, "truncated", "cut at --max_tokens; raise it"),
+    (["--min_words=1100"], None, "too_short", "shorter than --min_words; lower it"),
+])
+def test_answers_that_are_all_unusable_end_the_run_in_one_clear_line(monkeypatch, tmp_path, argv, answer_fault,
+                                                                     reason, hint):
+    with OpenAIServer(latency=0.002, answer_fault=answer_fault, api_key=KEY) as server:
+        with pytest.raises(SystemExit, match=rf"^error: 20 answers in a row gave no usable story \({reason} \d+\):"
+                                             rf" .*{re.escape(hint)}") as e:
+            generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=400", *argv)
+        assert "\n" not in str(e.value)
+        assert server.stats["chat"] <= 20 + 32  # --max_unusable, and those in flight at --concurrency
+    assert os.listdir(tmp_path) == []  # a run that wrote no story leaves nothing, so a rerun may change arguments
+
+
+def test_run_whose_yield_is_too_low_ends(monkeypatch, tmp_path):
+    with OpenAIServer(answer_fault="merged", api_key=KEY) as server:
+        with pytest.raises(SystemExit, match=r"^error: 0 usable stories in 100 answers that asked for 400, under"
+                                             r" --min_yield=0.1 \(separator_failed 100\): the model does not") as e:
+            generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=4000", "--max_unusable=1000")
+        assert "\n" not in str(e.value) and server.stats["chat"] <= 100 + 32
+
+
+def test_batch_run_whose_answers_are_all_unusable_sends_one_small_batch(monkeypatch, tmp_path):
+    argv = ["--batch", "--n_stories=400", "--poll_interval=0.02"]
+    with OpenAIServer(answer_fault="merged", api_key=KEY, batch_delay=0.05) as server:
+        with pytest.raises(SystemExit, match=r"^error: 32 answers in a row gave no usable story \(separator_failed"
+                                             r" 32\): the model does not put a line with only ###") as e:
+            generate(monkeypatch, server, tmp_path / "stories.jsonl", *argv)
+        assert "\n" not in str(e.value)
+        assert [len(f["content"].splitlines()) for f in server.files.values() if f["purpose"] == "batch"] == [32]
+    assert os.listdir(tmp_path) == []
+    # requests that a batch answers with an error count too; those it never ran (half of them here) do not
+    with OpenAIServer(api_key=KEY, batch_delay=0.05, batch_fault_rate=1.0) as server:
+        with pytest.raises(SystemExit, match=r"^error: 32 answers in a row gave no usable story \(request_failed 32\):"
+                                             r" the batch answers its requests with an error \(500 server error\)"):
+            generate(monkeypatch, server, tmp_path / "stories.jsonl", *argv)
+        assert server.stats["batches"] == 2
+
+
+def test_independent_server_whose_answers_run_the_stories_together(monkeypatch, tmp_path):
+    """The same rule against a few lines of http.server rather than openai_server.py: a server that answers
+    every request, 200 OK, with four stories and no separator line between them."""
+    chats = []
+    paragraph = "Mia saw a red ball in the park. She ran to it and picked it up. It was soft and round and fun."
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def reply(self, status, payload):
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # no /models here: the run goes on
+            self.reply(404, {"error": {"message": "Not found"}})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            chats.append(body)
+            text = "\n\n".join(f"{paragraph} Story {i}." for i in range(4))
+            self.reply(200, {"id": f"chatcmpl-{len(chats)}", "object": "chat.completion", "model": body["model"],
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": text}}],
+                             "usage": {"prompt_tokens": 200, "completion_tokens": 100, "total_tokens": 300}})
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        request_queue_size = 64  # the 32 connections opened at once
+
+    httpd = Server(("127.0.0.1", 0), Handler)
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        with pytest.raises(SystemExit, match=r"^error: 20 answers in a row gave no usable story \(separator_failed"
+                                             r" 20\): the model does not put a line with only ###") as e:
+            generate(monkeypatch, httpd, tmp_path / "stories.jsonl", "--n_stories=400")
+        assert "\n" not in str(e.value) and len(chats) < 60
+        del chats[:]
+        proc = start(httpd.url, tmp_path / "stories.jsonl", "--n_stories=400")
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode != 0 and "Traceback" not in stderr and len(chats) < 60
+        assert len(stderr.splitlines()) == 1 and stderr.startswith("error: 20 answers in a row gave no usable story")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def test_reasoning_models_get_max_completion_tokens(monkeypatch, tmp_path, server):
@@ -435,28 +633,29 @@ def test_killed_batch_run_polls_again_instead_of_paying_twice(tmp_path):
     out = tmp_path / "stories.jsonl"
     state = tmp_path / "stories.jsonl.batches.json"
     with OpenAIServer(api_key=KEY, batch_delay=1.0) as server:
-        argv = ["--batch", "--n_stories=120", "--batch_size=10", "--batches_in_flight=3", "--poll_interval=0.05"]
-        proc = start(server, out, *argv)
+        argv = ["--batch", "--n_stories=160", "--batch_size=10", "--batches_in_flight=3", "--poll_interval=0.05"]
+        proc = start(server.url, out, *argv)
         deadline = time.time() + 30
-        while time.time() < deadline and not (state.exists() and server.stats["batches"] >= 3
-                                              and all(b["batch_id"] for b in json.loads(state.read_text())["batches"])):
+        # the first batch alone, then three side by side once its stories are in
+        while time.time() < deadline and not (state.exists() and server.stats["batches"] >= 4 and [
+                b["batch_id"] is not None for b in json.loads(state.read_text())["batches"]] == [True] * 3):
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert out.read_text() == ""  # killed while its batches were in flight
-        restarted = start(server, out, *argv)
+        assert len(read(out)) == 40  # killed while three batches were in flight
+        restarted = start(server.url, out, *argv)
         stdout, stderr = restarted.communicate(timeout=60)
         assert restarted.returncode == 0, stderr
         submitted = Counter(json.loads(line)["custom_id"] for f in server.files.values() if f["purpose"] == "batch"
                             for line in f["content"].splitlines())
-    check_stories(out, 120)
-    assert set(submitted) == {f"prompt-{k}" for k in range(30)} and max(submitted.values()) == 1
+    check_stories(out, 160)
+    assert set(submitted) == {f"prompt-{k}" for k in range(40)} and max(submitted.values()) == 1
 
 
 def test_api_key_is_in_no_file_and_no_log(tmp_path, server):
     logs = ""
     for mode in ([], ["--batch", "--poll_interval=0.02", "--batch_size=3"]):
-        proc = start(server, tmp_path / f"stories{len(mode)}.jsonl", "--n_stories=20", *mode)
+        proc = start(server.url, tmp_path / f"stories{len(mode)}.jsonl", "--n_stories=20", *mode)
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr
         logs += stdout + stderr
@@ -473,8 +672,9 @@ def test_failed_and_expired_batches_are_submitted_again(monkeypatch, tmp_path, c
     with OpenAIServer(api_key=KEY, batch_delay=0.05) as server:
         server.inject_batch("failed", 2)  # the organisation's queue of batch tokens is full, twice
         server.inject_batch("expired")  # half of the requests done in time
+        # the requests that the batch never ran are not paid for: they do not count toward --max_unusable
         generate(monkeypatch, server, out, "--batch", "--n_stories=32", "--batch_size=8", "--batches_in_flight=1",
-                 "--poll_interval=0.02")
+                 "--poll_interval=0.02", "--max_unusable=1")
         sizes = [len(f["content"].splitlines()) for f in server.files.values() if f["purpose"] == "batch"]
         statuses = Counter(b["status"] for b in server.batches.values())
     check_stories(out, 32)
@@ -493,10 +693,9 @@ def test_batches_that_fail_again_and_again_stop_the_run_and_a_rerun_goes_on(monk
         server.inject_batch("failed", gs.MAX_BATCH_FAILURES)
         with pytest.raises(SystemExit, match=rf"^error: {gs.MAX_BATCH_FAILURES} batches in a row failed"
                                              rf" \(token_limit_exceeded: Enqueued token limit reached.*\);"
-                                             rf" run the same command again later.* {out}.batches.json$") as e:
+                                             rf" run the same command again later$") as e:
             generate(monkeypatch, server, out, *argv)
-        assert "\n" not in str(e.value)
-        assert json.loads((tmp_path / "stories.jsonl.batches.json").read_text())["batches"] == []
+        assert "\n" not in str(e.value) and os.listdir(tmp_path) == []  # no batch in flight, no story
         generate(monkeypatch, server, out, *argv)  # the queue has room again
     check_stories(out, 32)
 
@@ -523,9 +722,11 @@ def test_batch_request_that_the_api_refuses_ends_the_run_in_one_clear_line(monke
 
 
 def stop_with_batches_in_flight(monkeypatch, server, out):
-    """A run that stops with a first batch (slow) in flight, and a second created on the server whose id never
-    came back, as when a run is killed between the two. Returns its arguments."""
-    argv = ["--batch", "--n_stories=40", "--batch_size=5", "--poll_interval=0.02"]
+    """A run on an output of 20 stories (so that batches go side by side) that stops with a batch (slow) in
+    flight, and a second created on the server whose id never came back, as when a run is killed between the
+    two. Returns its arguments."""
+    argv = ["--batch", "--n_stories=60", "--batch_size=5", "--poll_interval=0.02"]
+    generate(monkeypatch, server, out, *argv, "--n_stories=20")
     server.inject_batch("slow")
     server.inject_batch("timeout")
     with pytest.raises(SystemExit, match="1 try failed, the last with no answer in 0.2 s"):
@@ -538,22 +739,31 @@ def stop_with_batches_in_flight(monkeypatch, server, out):
 def test_batches_in_flight_are_refused_to_a_run_with_other_arguments(monkeypatch, tmp_path):
     out = tmp_path / "stories.jsonl"
     with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
+        # no story yet: the run file stays as long as a batch is in flight, and is checked all the same
+        first = tmp_path / "first.jsonl"
+        argv = ["--batch", "--n_stories=40", "--poll_interval=0.02"]
+        server.inject_batch("timeout")
+        with pytest.raises(SystemExit, match="1 try failed, the last with no answer in 0.2 s"):
+            generate(monkeypatch, server, first, *argv, "--timeout=0.2", "--max_retries=0")
+        assert sorted(os.listdir(tmp_path)) == ["first.jsonl.batches.json", "first.jsonl.run.json"]
+        with pytest.raises(SystemExit, match=f"^error: {re.escape(str(first))} was made with --seed=0, not 1:"):
+            generate(monkeypatch, server, first, *argv, "--seed=1")
         argv = stop_with_batches_in_flight(monkeypatch, server, out)
-        other_axes = forked_axes(tmp_path, names=NAMES[:5])
-        for other, name in (("--seed=1", "seed"), ("--stories_per_prompt=2", "stories_per_prompt"),
-                            ("--max_tokens=1000", "max_tokens"), (f"--axes={other_axes}", "axes_sha256")):
-            with pytest.raises(SystemExit, match=f"^error: {out}.batches.json lists batches sent with another {name}:"
+        stories = out.read_text()
+        for other in ("--seed=1", "--stories_per_prompt=2", "--max_tokens=1000", "--model=gpt-4o"):
+            flag, value = other.split("=")
+            with pytest.raises(SystemExit, match=f"^error: {re.escape(str(out))} was made with {flag}=.*, not {value}:"
                                                  f" use the same arguments, or another --out$"):
                 generate(monkeypatch, server, out, *argv, other)
-        assert server.stats["batches"] == 2 and not out.exists()
+        assert server.stats["batches"] == 4 and out.read_text() == stories
 
 
 def test_batch_whose_id_was_lost_is_found_and_batches_no_longer_needed_are_cancelled(monkeypatch, tmp_path, capsys):
     out = tmp_path / "stories.jsonl"
     with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
         argv = stop_with_batches_in_flight(monkeypatch, server, out)
-        generate(monkeypatch, server, out, *argv, "--n_stories=20")  # the second batch's answers are enough now
-        statuses = [b["status"] for b in server.batches.values()]
+        generate(monkeypatch, server, out, *argv, "--n_stories=40")  # the second batch's answers are enough now
+        statuses = [b["status"] for b in server.batches.values()][1:]
     assert statuses == ["cancelling", "completed"]  # found by batches.list, not created again; the slow one cancelled
-    assert {r["prompt_id"] for r in check_stories(out, 20)} == set(range(5, 10))
+    assert {r["prompt_id"] for r in check_stories(out, 40)} == set(range(5)) | set(range(10, 15))
     assert "batches cancelled 1" in capsys.readouterr().out and not os.path.exists(f"{out}.batches.json")
