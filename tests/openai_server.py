@@ -67,8 +67,8 @@ ERRORS = {  # status, and the error object of the answer
                     "type": "insufficient_quota", "code": "insufficient_quota"}),
 }
 
-# the prompt wording these parse is generate_stories.py's; the defaults cover anything else
-N_STORIES_RE = re.compile(r"Write (\d+) short stories")
+# the prompt wording these parse is stories.py's; the defaults cover anything else
+STORIES_PER_PROMPT_RE = re.compile(r"Write (\d+) short stories")
 N_PARAGRAPHS_RE = re.compile(r"exactly (\d+|one) paragraph")
 SEPARATOR_RE = re.compile(r'line with only "([^"]+)"')
 
@@ -166,14 +166,14 @@ class OpenAIServer:
         """A chat completion object for a request body; faults that change the answer applied."""
         fault = fault or self.answer_fault
         prompt = body["messages"][-1]["content"]
-        m = N_STORIES_RE.search(prompt)
-        n_stories = int(m.group(1)) if m else 1
+        m = STORIES_PER_PROMPT_RE.search(prompt)
+        stories_per_prompt = int(m.group(1)) if m else 1
         m = N_PARAGRAPHS_RE.search(prompt)
         n_paragraphs = (1 if m.group(1) == "one" else int(m.group(1))) if m else 3
         m = SEPARATOR_RE.search(prompt)
         separator = m.group(1) if m else "###"
-        stories = [story_text(prompt, i, n_paragraphs) for i in range(n_stories)]
-        if fault == "fewer" and n_stories > 1:
+        stories = [story_text(prompt, i, n_paragraphs) for i in range(stories_per_prompt)]
+        if fault == "fewer" and stories_per_prompt > 1:
             stories = stories[:-1]
         text = ("\n\n" if fault == "merged" else f"\n\n{separator}\n\n").join(stories)
         finish_reason = "stop"

@@ -1,5 +1,6 @@
 """
-Tests of generate_stories.py, the dataset generator: its sampler, prompts and cleaning, and whole runs
+Tests of generate_stories.py, the dataset generator (with stories.py, api_client.py and batch_api.py):
+its sampler, prompts and cleaning, and whole runs
 through the real openai client against tests/openai_server.py, a local OpenAI-compatible server that
 injects faults on demand. They read as the contract of stories.jsonl: exactly the stories asked for,
 unique ids, labels equal to the prompt's, nothing lost or doubled by a crash, the API key nowhere.
@@ -22,12 +23,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+import api_client  # noqa: E402
+import batch_api  # noqa: E402
 import generate_stories as gs  # noqa: E402
+import stories  # noqa: E402
 from openai_server import FAULTS, OpenAIServer  # noqa: E402
 
 KEY = "sk-test-7f3a9c2e51"  # distinctive, to look for it in every file and log
 AXES_PATH = os.path.join(ROOT, "axes.json")
-AXES, NAMES = gs.load_axes(AXES_PATH)
+AXES, NAMES = stories.load_axes(AXES_PATH)
 
 
 def args_for(*argv):
@@ -60,11 +64,11 @@ def check_stories(path, n, stories_per_prompt=4, seed=0):
     assert len({r["id"] for r in records}) == n
     ks = [r["prompt_id"] for r in records]
     args = args_for(f"--seed={seed}", f"--stories_per_prompt={stories_per_prompt}")
-    for r, (k, labels, prompt) in zip(records, gs.prompts_for(AXES, NAMES, args, ks)):
+    for r, (k, labels, prompt) in zip(records, stories.prompts_for(AXES, NAMES, args, ks)):
         assert {key: r[key] for key in labels} == labels and r["prompt"] == prompt
         assert r["story"].isascii() and r["story"] == r["story"].strip()
         assert abs(r["story"].count("\n\n") + 1 - r["num_paragraphs"]) <= 1
-        assert r["id"] == gs.story_id(r["story"])
+        assert r["id"] == stories.story_id(r["story"])
         assert r["model"].startswith("gpt-4o-mini") and r["finish_reason"] in ("stop", "length")
         assert r["story_index"] < stories_per_prompt and r["completion_tokens"] > 0
     assert max(Counter(ks).values()) <= stories_per_prompt
@@ -81,28 +85,28 @@ def server():
 
 
 def test_prompt_k_depends_only_on_seed_and_k():
-    all_at_once = gs.sample_prompts(AXES, NAMES, 7, np.arange(1000))
+    all_at_once = stories.sample_prompts(AXES, NAMES, 7, np.arange(1000))
     for k in (0, 3, 999):
-        alone = gs.sample_prompts(AXES, NAMES, 7, [k])
-        assert gs.prompt_at(AXES, NAMES, alone, 0) == gs.prompt_at(AXES, NAMES, all_at_once, k)
-    other_seed = gs.sample_prompts(AXES, NAMES, 8, np.arange(1000))
+        alone = stories.sample_prompts(AXES, NAMES, 7, [k])
+        assert stories.prompt_at(AXES, NAMES, alone, 0) == stories.prompt_at(AXES, NAMES, all_at_once, k)
+    other_seed = stories.sample_prompts(AXES, NAMES, 8, np.arange(1000))
     assert (other_seed["theme"] != all_at_once["theme"]).mean() > 0.9
 
 
 def test_shards_split_the_prompts_without_overlap():
     seen = []
     for i in range(3):
-        it = gs.iter_prompts(AXES, NAMES, args_for(f"--shard={i}/3"))
+        it = stories.iter_prompts(AXES, NAMES, args_for(f"--shard={i}/3"))
         seen += [k for k, _, _ in (next(it) for _ in range(100))]
     assert sorted(seen) == list(range(300))
-    single = gs.iter_prompts(AXES, NAMES, args_for())
-    shard = gs.iter_prompts(AXES, NAMES, args_for("--shard=1/3"))
+    single = stories.iter_prompts(AXES, NAMES, args_for())
+    shard = stories.iter_prompts(AXES, NAMES, args_for("--shard=1/3"))
     by_k = {k: prompt for k, _, prompt in (next(single) for _ in range(30))}
     assert all(by_k[k] == prompt for k, _, prompt in (next(shard) for _ in range(10)))
 
 
 def test_axes_follow_their_weights_and_optional_probabilities():
-    idx = gs.sample_prompts(AXES, NAMES, 0, np.arange(200_000))
+    idx = stories.sample_prompts(AXES, NAMES, 0, np.arange(200_000))
     grammar, _ = AXES["grammar"]
     assert grammar[0] == "" and abs((idx["grammar"] == 0).mean() - 0.5) < 0.01
     assert abs((idx["persona"] == 0).mean() - 0.5) < 0.01
@@ -123,14 +127,14 @@ def test_axes_file_has_what_the_issue_asks_for():
 
 
 def test_independence_check_passes_and_catches_coupled_axes():
-    idx = gs.sample_prompts(AXES, NAMES, 0, np.arange(100_000))
+    idx = stories.sample_prompts(AXES, NAMES, 0, np.arange(100_000))
     n_persona, n_paragraphs = len(AXES["persona"][0]), 9
     table = np.bincount(idx["persona"] * n_paragraphs + idx["num_paragraphs"], minlength=n_persona * n_paragraphs)
-    assert gs.chi_square(table.reshape(n_persona, n_paragraphs))[2] > 0.001
+    assert stories.chi_square(table.reshape(n_persona, n_paragraphs))[2] > 0.001
     # the published dataset's flaw: personas only where the paragraph count is 1, 4 or 7
     coupled = np.where(np.isin(idx["num_paragraphs"], [0, 3, 6]), idx["persona"], 0)
     table = np.bincount(coupled * n_paragraphs + idx["num_paragraphs"], minlength=n_persona * n_paragraphs)
-    assert gs.chi_square(table.reshape(n_persona, n_paragraphs))[2] < 1e-9
+    assert stories.chi_square(table.reshape(n_persona, n_paragraphs))[2] < 1e-9
 
 
 def test_dry_run_prints_prompts_counts_independence_and_cost(capsys):
@@ -143,16 +147,16 @@ def test_dry_run_prints_prompts_counts_independence_and_cost(capsys):
 
 
 def test_one_story_prompt_is_worded_for_one_story():
-    labels, names = gs.prompt_at(AXES, NAMES, gs.sample_prompts(AXES, NAMES, 0, [5]), 0)
-    one = gs.prompt_text(labels, names, 1)
-    several = gs.prompt_text(labels, names, 3)
-    assert one.startswith("Write a short story") and "stories" not in one and gs.SEPARATOR not in one
-    assert several.startswith("Write 3 short stories") and f'line with only "{gs.SEPARATOR}"' in several
+    labels, names = stories.prompt_at(AXES, NAMES, stories.sample_prompts(AXES, NAMES, 0, [5]), 0)
+    one = stories.prompt_text(labels, names, 1)
+    several = stories.prompt_text(labels, names, 3)
+    assert one.startswith("Write a short story") and "stories" not in one and stories.SEPARATOR not in one
+    assert several.startswith("Write 3 short stories") and f'line with only "{stories.SEPARATOR}"' in several
     for text in (one, several):
         assert labels["theme"] in text and labels["topic"] in text and labels["feature"] in text
         assert f'letter "{labels["initial_letter"]}"' in text
         assert f"exactly {labels['num_paragraphs']} paragraphs, separated by a blank line." in text
-    assert "- Write exactly one paragraph.\n" in gs.prompt_text({**labels, "num_paragraphs": 1}, names, 1)
+    assert "- Write exactly one paragraph.\n" in stories.prompt_text({**labels, "num_paragraphs": 1}, names, 1)
 
 
 def forked_axes(tmp_path, **changes):
@@ -168,12 +172,12 @@ def test_paragraph_counts_may_be_weighted_and_must_be_whole_numbers(tmp_path, ca
     axes = forked_axes(tmp_path, num_paragraphs={"1": 1, "2": 2, "3": 1})  # a dict's keys are strings
     gs.main(["--dry_run", "--n_stories=400", "--n_examples=1", f"--axes={axes}"])
     assert "num_paragraphs (3 values): 1 " in capsys.readouterr().out
-    fork_axes, fork_names = gs.load_axes(axes)
-    labels, _ = gs.prompt_at(fork_axes, fork_names, gs.sample_prompts(fork_axes, fork_names, 0, [0]), 0)
+    fork_axes, fork_names = stories.load_axes(axes)
+    labels, _ = stories.prompt_at(fork_axes, fork_names, stories.sample_prompts(fork_axes, fork_names, 0, [0]), 0)
     assert labels["num_paragraphs"] in (1, 2, 3) and type(labels["num_paragraphs"]) is int
     for bad in ({"0": 1, "2": 1}, ["two", 3], [1.5]):
         with pytest.raises(SystemExit, match=r"^error: 'num_paragraphs' in .* whole numbers >= 1") as e:
-            gs.load_axes(forked_axes(tmp_path, num_paragraphs=bad))
+            stories.load_axes(forked_axes(tmp_path, num_paragraphs=bad))
         assert "\n" not in str(e.value)
 
 
@@ -193,7 +197,7 @@ def test_bad_axes_file_ends_in_one_clear_line_naming_the_file_and_key(tmp_path, 
     else:
         path = forked_axes(tmp_path, **changes)
     with pytest.raises(SystemExit, match=rf"^error: .*{message}") as e:
-        gs.load_axes(str(path))
+        stories.load_axes(str(path))
     assert "\n" not in str(e.value) and str(path) in str(e.value)
 
 # -----------------------------------------------------------------------------
@@ -212,49 +216,49 @@ def completion(text, finish_reason="stop"):
 def test_clean_story_fixes_typography_titles_and_drops_what_cannot_be_fixed():
     args = args_for()
     text = f"**The Red Tree**\n\n\u201cHi,\u201d said Zo\u00eb \u2014 it\u2019s me\u2026 {PARAGRAPH}"
-    story, rule, fixes = gs.clean_story(text, 1, args)
+    story, rule, fixes = stories.clean_story(text, 1, args)
     assert rule is None and story == f'"Hi," said Zoe - it\'s me... {PARAGRAPH}'
     assert set(fixes) == {"title", "typography", "transliterated"}
-    story, _, fixes = gs.clean_story(f"Story 2: {PARAGRAPH}\n\n{PARAGRAPH}", 2, args)
+    story, _, fixes = stories.clean_story(f"Story 2: {PARAGRAPH}\n\n{PARAGRAPH}", 2, args)
     assert story == f"{PARAGRAPH}\n\n{PARAGRAPH}" and fixes == ["numbering"]
-    story, _, _ = gs.clean_story(f"{PARAGRAPH}\n{PARAGRAPH}\n{PARAGRAPH}", 3, args)  # single line breaks
+    story, _, _ = stories.clean_story(f"{PARAGRAPH}\n{PARAGRAPH}\n{PARAGRAPH}", 3, args)  # single line breaks
     assert story.count("\n\n") == 2
-    assert gs.clean_story(f"{PARAGRAPH} \U0001F431", 1, args)[1] == "non_ascii"
-    assert gs.clean_story("The cat sat.", 1, args)[1] == "too_short"
-    assert gs.clean_story(" ".join([PARAGRAPH] * 60), 1, args)[1] == "too_long"
-    assert gs.clean_story("\n\n".join([PARAGRAPH] * 6), 2, args)[1] == "wrong_paragraphs"
+    assert stories.clean_story(f"{PARAGRAPH} \U0001F431", 1, args)[1] == "non_ascii"
+    assert stories.clean_story("The cat sat.", 1, args)[1] == "too_short"
+    assert stories.clean_story(" ".join([PARAGRAPH] * 60), 1, args)[1] == "too_long"
+    assert stories.clean_story("\n\n".join([PARAGRAPH] * 6), 2, args)[1] == "wrong_paragraphs"
 
 
 def test_make_records_drops_unfinished_runtogether_and_duplicate_stories(tmp_path):
     args = args_for("--stories_per_prompt=3")
-    labels, names = gs.prompt_at(AXES, NAMES, gs.sample_prompts(AXES, NAMES, 0, [0]), 0)
+    labels, names = stories.prompt_at(AXES, NAMES, stories.sample_prompts(AXES, NAMES, 0, [0]), 0)
     labels["num_paragraphs"] = 1
     out = gs.Output(tmp_path / "stories.jsonl", args, AXES, NAMES)
-    stories = [f"{PARAGRAPH} {PARAGRAPH} Story {i}." for i in range(3)]
+    texts = [f"{PARAGRAPH} {PARAGRAPH} Story {i}." for i in range(3)]
 
     def records(text, finish_reason="stop"):
         removed, fixed = Counter(), Counter()
-        return gs.make_records(0, labels, "p", completion(text, finish_reason), args, out, removed, fixed), removed
+        return stories.make_records(0, labels, "p", completion(text, finish_reason), args, out, removed, fixed), removed
 
-    got, removed = records("\n###\n".join(stories))
-    assert [r["story"] for r in got] == stories and not removed and got[0]["theme"] == labels["theme"]
-    got, removed = records("\n###\n".join(stories)[:-40], "length")  # cut at max_tokens
-    assert [r["story"] for r in got] == stories[:2] and removed == {"truncated": 1}
-    got, removed = records("\n###\n".join(stories)[:-40], "content_filter")  # cut by a moderation filter
-    assert [r["story"] for r in got] == stories[:2] and removed == {"content_filter": 1}
-    got, removed = records("\n\n".join(stories))  # the separator forgotten
+    got, removed = records("\n###\n".join(texts))
+    assert [r["story"] for r in got] == texts and not removed and got[0]["theme"] == labels["theme"]
+    got, removed = records("\n###\n".join(texts)[:-40], "length")  # cut at max_tokens
+    assert [r["story"] for r in got] == texts[:2] and removed == {"truncated": 1}
+    got, removed = records("\n###\n".join(texts)[:-40], "content_filter")  # cut by a moderation filter
+    assert [r["story"] for r in got] == texts[:2] and removed == {"content_filter": 1}
+    got, removed = records("\n\n".join(texts))  # the separator forgotten
     assert got == [] and removed == {"separator_failed": 1}
-    got, removed = records(f"{stories[0]}\n###\n{stories[0].upper()}\n###\n{stories[1]}")
-    assert [r["story"] for r in got] == [stories[0], stories[1]] and removed == {"duplicate": 1}
+    got, removed = records(f"{texts[0]}\n###\n{texts[0].upper()}\n###\n{texts[1]}")
+    assert [r["story"] for r in got] == [texts[0], texts[1]] and removed == {"duplicate": 1}
     assert [r["story_index"] for r in got] == [0, 2]
     out.write(got)  # a story written before is a duplicate in any later completion
-    got, removed = records(f"{stories[2]}\n###\n{stories[1]}")
-    assert [r["story"] for r in got] == [stories[2]] and removed == {"duplicate": 1}
+    got, removed = records(f"{texts[2]}\n###\n{texts[1]}")
+    assert [r["story"] for r in got] == [texts[2]] and removed == {"duplicate": 1}
 
 
 def test_usage_left_out_or_null_counts_as_zero_tokens(tmp_path):
     args = args_for("--stories_per_prompt=1", "--n_stories=10")
-    labels, _ = gs.prompt_at(AXES, NAMES, gs.sample_prompts(AXES, NAMES, 0, [0]), 0)
+    labels, _ = stories.prompt_at(AXES, NAMES, stories.sample_prompts(AXES, NAMES, 0, [0]), 0)
     labels["num_paragraphs"] = 1
     progress = gs.Progress(args, gs.Output(tmp_path / "stories.jsonl", args, AXES, NAMES))
     for i, usage in enumerate(({"prompt_tokens": None, "completion_tokens": None}, None)):
@@ -384,7 +388,7 @@ def test_shards_together_make_the_whole_job(monkeypatch, tmp_path, server):
     (100, True, 0.4, 0.4),  # a wait longer than MAX_BACKOFF is cut to it
 ])
 def test_retry_after_is_honoured(monkeypatch, tmp_path, retry_after, retry_after_ms, max_backoff, wait):
-    monkeypatch.setattr(gs, "MAX_BACKOFF", max_backoff)
+    monkeypatch.setattr(api_client, "MAX_BACKOFF", max_backoff)
     with OpenAIServer(retry_after=retry_after, retry_after_ms=retry_after_ms, api_key=KEY) as server:
         server.inject("429")
         generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=4", "--backoff=0.001")
@@ -459,7 +463,7 @@ def test_server_that_cannot_be_reached_ends_the_run_in_seconds(monkeypatch, tmp_
     with socket.socket() as s:  # a server that takes the connection and never answers
         s.bind(("127.0.0.1", 0))
         s.listen()
-        monkeypatch.setattr(gs, "PREFLIGHT_TIMEOUT", 0.3)
+        monkeypatch.setattr(api_client, "PREFLIGHT_TIMEOUT", 0.3)
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
         url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
         with pytest.raises(SystemExit, match=rf"^error: cannot reach {url} \(no answer in 0.3 s\): check --base_url"):
@@ -586,7 +590,7 @@ def test_independent_server_whose_answers_run_the_stories_together(monkeypatch, 
 
 
 def test_reasoning_models_get_max_completion_tokens(monkeypatch, tmp_path, server):
-    assert "max_tokens" in gs.request_body(args_for("--model=gpt-4o-mini"), "p")  # what every server knows
+    assert "max_tokens" in api_client.request_body(args_for("--model=gpt-4o-mini"), "p")  # what every server knows
     out = tmp_path / "stories.jsonl"
     generate(monkeypatch, server, out, "--n_stories=8", "--model=gpt-5-nano")  # the server refuses max_tokens here
     assert len(read(out)) == 8 and all(r["model"].startswith("gpt-5-nano") for r in read(out))
@@ -620,7 +624,7 @@ def test_missing_key_is_one_clear_line(monkeypatch, tmp_path):
 def test_batch_mode_end_to_end_resubmits_failed_requests(monkeypatch, tmp_path, capsys):
     out = tmp_path / "stories.jsonl"
     with OpenAIServer(api_key=KEY, batch_delay=0.05, batch_fault_rate=0.2) as server:
-        generate(monkeypatch, server, out, "--batch", "--n_stories=200", "--batch_size=15", "--batches_in_flight=2",
+        generate(monkeypatch, server, out, "--batch", "--n_stories=200", "--requests_per_batch=15", "--batches_in_flight=2",
                  "--poll_interval=0.02")
         assert server.stats["batches"] >= 5 and server.stats["batch_faults"] >= 2 and server.stats["chat"] == 0
     records = check_stories(out, 200)
@@ -633,7 +637,7 @@ def test_killed_batch_run_polls_again_instead_of_paying_twice(tmp_path):
     out = tmp_path / "stories.jsonl"
     state = tmp_path / "stories.jsonl.batches.json"
     with OpenAIServer(api_key=KEY, batch_delay=1.0) as server:
-        argv = ["--batch", "--n_stories=160", "--batch_size=10", "--batches_in_flight=3", "--poll_interval=0.05"]
+        argv = ["--batch", "--n_stories=160", "--requests_per_batch=10", "--batches_in_flight=3", "--poll_interval=0.05"]
         proc = start(server.url, out, *argv)
         deadline = time.time() + 30
         # the first batch alone, then three side by side once its stories are in
@@ -654,7 +658,7 @@ def test_killed_batch_run_polls_again_instead_of_paying_twice(tmp_path):
 
 def test_api_key_is_in_no_file_and_no_log(tmp_path, server):
     logs = ""
-    for mode in ([], ["--batch", "--poll_interval=0.02", "--batch_size=3"]):
+    for mode in ([], ["--batch", "--poll_interval=0.02", "--requests_per_batch=3"]):
         proc = start(server.url, tmp_path / f"stories{len(mode)}.jsonl", "--n_stories=20", *mode)
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 0, stderr
@@ -673,7 +677,7 @@ def test_failed_and_expired_batches_are_submitted_again(monkeypatch, tmp_path, c
         server.inject_batch("failed", 2)  # the organisation's queue of batch tokens is full, twice
         server.inject_batch("expired")  # half of the requests done in time
         # the requests that the batch never ran are not paid for: they do not count toward --max_unusable
-        generate(monkeypatch, server, out, "--batch", "--n_stories=32", "--batch_size=8", "--batches_in_flight=1",
+        generate(monkeypatch, server, out, "--batch", "--n_stories=32", "--requests_per_batch=8", "--batches_in_flight=1",
                  "--poll_interval=0.02", "--max_unusable=1")
         sizes = [len(f["content"].splitlines()) for f in server.files.values() if f["purpose"] == "batch"]
         statuses = Counter(b["status"] for b in server.batches.values())
@@ -688,10 +692,10 @@ def test_failed_and_expired_batches_are_submitted_again(monkeypatch, tmp_path, c
 def test_batches_that_fail_again_and_again_stop_the_run_and_a_rerun_goes_on(monkeypatch, tmp_path):
     out = tmp_path / "stories.jsonl"
     # one batch at a time: a token limit met while other batches are in the queue waits for them, uncounted
-    argv = ["--batch", "--n_stories=32", "--batch_size=8", "--batches_in_flight=1", "--poll_interval=0.02"]
+    argv = ["--batch", "--n_stories=32", "--requests_per_batch=8", "--batches_in_flight=1", "--poll_interval=0.02"]
     with OpenAIServer(api_key=KEY, batch_delay=0.05) as server:
-        server.inject_batch("failed", gs.MAX_BATCH_FAILURES)
-        with pytest.raises(SystemExit, match=rf"^error: {gs.MAX_BATCH_FAILURES} batches in a row failed"
+        server.inject_batch("failed", batch_api.MAX_BATCH_FAILURES)
+        with pytest.raises(SystemExit, match=rf"^error: {batch_api.MAX_BATCH_FAILURES} batches in a row failed"
                                              rf" \(token_limit_exceeded: Enqueued token limit reached.*\);"
                                              rf" run the same command again later$") as e:
             generate(monkeypatch, server, out, *argv)
@@ -725,7 +729,7 @@ def stop_with_batches_in_flight(monkeypatch, server, out):
     """A run on an output of 20 stories (so that batches go side by side) that stops with a batch (slow) in
     flight, and a second created on the server whose id never came back, as when a run is killed between the
     two. Returns its arguments."""
-    argv = ["--batch", "--n_stories=60", "--batch_size=5", "--poll_interval=0.02"]
+    argv = ["--batch", "--n_stories=60", "--requests_per_batch=5", "--poll_interval=0.02"]
     generate(monkeypatch, server, out, *argv, "--n_stories=20")
     server.inject_batch("slow")
     server.inject_batch("timeout")
@@ -749,13 +753,13 @@ def test_batches_in_flight_are_refused_to_a_run_with_other_arguments(monkeypatch
         with pytest.raises(SystemExit, match=f"^error: {re.escape(str(first))} was made with --seed=0, not 1:"):
             generate(monkeypatch, server, first, *argv, "--seed=1")
         argv = stop_with_batches_in_flight(monkeypatch, server, out)
-        stories = out.read_text()
+        written = out.read_text()
         for other in ("--seed=1", "--stories_per_prompt=2", "--max_tokens=1000", "--model=gpt-4o"):
             flag, value = other.split("=")
             with pytest.raises(SystemExit, match=f"^error: {re.escape(str(out))} was made with {flag}=.*, not {value}:"
                                                  f" use the same arguments, or another --out$"):
                 generate(monkeypatch, server, out, *argv, other)
-        assert server.stats["batches"] == 4 and out.read_text() == stories
+        assert server.stats["batches"] == 4 and out.read_text() == written
 
 
 def test_batch_whose_id_was_lost_is_found_and_batches_no_longer_needed_are_cancelled(monkeypatch, tmp_path, capsys):
