@@ -6,8 +6,8 @@ A config file holds plain `name = value` lines (values are Python literals, read
 their defaults, each with a trailing comment that --help prints:
 
     DEFAULTS = {"n_layers": 6, ...}
-    given = configurator.parse(sys.argv[1:], DEFAULTS)        # what the command line sets, type-checked
-    configurator.check({**DEFAULTS, **given}, CHECKS)          # the range of each number
+    given = configurator.parse(sys.argv[1:], DEFAULTS, __doc__, __file__)   # what the command line sets
+    configurator.check({**DEFAULTS, **given}, CHECKS)          # the range of each setting
     device = configurator.pick_device("auto")                  # 'cuda:0' on a GPU machine, else 'cpu'
 
 Every problem ends the script with one `error: ...` line (die) that names the setting and where it was
@@ -70,9 +70,18 @@ def read_config(path):
     return settings
 
 
-def parse(argv, defaults):
+def parse(argv, defaults, doc, script):
     """{key: value} of the settings that config files and --key=value flags in argv give, in order, later ones
-    winning. Each key must be in defaults and each value of its default's type (an int is taken for a float)."""
+    winning. Each key must be in defaults and each value of its default's type (an int is taken for a float).
+    -h or --help prints the script's doc and its settings (help_text) and ends it; so does no argument at all,
+    as an error: a run of nothing but defaults is rarely what was meant."""
+    if "-h" in argv or "--help" in argv:
+        print(help_text(doc, defaults, script))
+        sys.exit(0)
+    if not argv:
+        name = os.path.basename(script)
+        die(f"give a config file and/or --key=value settings, e.g. `python {name} configs/quickstart.py`; "
+            f"`python {name} --help` lists the settings")
     settings = []
     for arg in argv:
         if not arg.startswith("--"):
@@ -99,6 +108,17 @@ def parse(argv, defaults):
             die(f"setting {key} must be a {expected.__name__}, got {value!r} ({where})")
         given[key] = value
     return given
+
+
+def resume(defaults, given, saved, fixed, source):
+    """The settings of a resumed run: those saved with it in source, and over them the ones given now (config
+    files and flags alike). A given setting that would change one of fixed ends the script."""
+    settings = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **given}
+    changed = [f"{k} ({saved.get(k)!r} -> {settings[k]!r})" for k in fixed if saved.get(k) != settings[k]]
+    if changed:
+        die(f"{source} cannot go on with another {', '.join(changed)}: that changes its batches or its shape; "
+            f"drop those settings or start a new out_dir")
+    return settings
 
 
 def check(settings, checks):

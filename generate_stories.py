@@ -1,5 +1,4 @@
-"""
-Generate a SimpleStories-style dataset: short stories in very simple words, each labelled with the
+"""Generate a SimpleStories-style dataset: short stories in very simple words, each labelled with the
 prompt it was written for, through the OpenAI API or any OpenAI-compatible server.
 
 Prompt k is sampled from the axes in axes.json (theme, topic, style, narrative feature, grammar
@@ -412,9 +411,9 @@ async def run_live(client, args, axes, names, out, progress):
             # a server that is down or refuses everything would have a run skip prompts forever. All those in
             # flight give up together, so at least --concurrency of them; at most the prompts the run still
             # needs, or a small run would never get there
-            if give_ups >= min(max(args.concurrency, MIN_GIVE_UPS),
-                               math.ceil((args.target - out.count) / args.stories_per_prompt)):
-                raise FatalError(f"{give_ups} prompts in a row got no answer: {e}") from None
+            limit = min(max(args.concurrency, MIN_GIVE_UPS), math.ceil((args.target - out.count) / args.stories_per_prompt))
+            if give_ups >= limit:  # the same words from each prompt that gives up as the run stops
+                raise FatalError(f"{limit} prompts in a row got no answer: {e}") from None
             return
         give_ups = 0
         limiter.refund(expected - sum(token_counts(body)))

@@ -65,6 +65,9 @@ def apply_rope(x, cos, sin):
 
 
 class RMSNorm(nn.Module):
+    """nn.RMSNorm's result, computed in float32 whatever the input's dtype, as Llama's is. nn.RMSNorm itself,
+    given bf16 activations (autocast) and its float32 weight, leaves its fused kernel, warning at every call."""
+
     def __init__(self, dim, eps):
         super().__init__()
         self.eps = eps

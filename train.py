@@ -101,13 +101,7 @@ PEAK_FLOPS = [
 FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
                    "d_vocab", "rope_base", "norm_eps")
 
-if "-h" in sys.argv[1:] or "--help" in sys.argv[1:]:
-    print(configurator.help_text(__doc__, DEFAULTS, __file__))
-    sys.exit(0)
-if not sys.argv[1:]:
-    die("give a config file and/or --key=value settings, e.g. `python train.py configs/quickstart.py`; "
-        "`python train.py --help` lists the settings")
-given = configurator.parse(sys.argv[1:], DEFAULTS)  # config files and flags alike
+given = configurator.parse(sys.argv[1:], DEFAULTS, __doc__, __file__)  # config files and flags alike
 settings = {**DEFAULTS, **given}
 ckpt_path = os.path.join(settings["out_dir"], "ckpt.pt")
 checkpoint = None
@@ -125,11 +119,7 @@ if settings["init_from"] == "resume":
         die(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is corrupt or not from train.py; "
             f"delete it or start with --init_from=scratch")
     # the run goes on with the settings it was started with; only those given now change them
-    settings = {**DEFAULTS, **{k: v for k, v in saved.items() if k in DEFAULTS}, **given, "init_from": "resume"}
-    changed = [f"{k} ({saved.get(k)!r} -> {settings[k]!r})" for k in FIXED_ON_RESUME if saved.get(k) != settings[k]]
-    if changed:
-        die(f"{ckpt_path} cannot go on with another {', '.join(changed)}: that changes its batches or its shape; "
-            f"drop those settings or start a new out_dir")
+    settings = {**configurator.resume(DEFAULTS, given, saved, FIXED_ON_RESUME, ckpt_path), "init_from": "resume"}
     if settings["max_iters"] < checkpoint["iter_num"]:
         die(f"{ckpt_path} is at step {checkpoint['iter_num']}, past max_iters={settings['max_iters']}; give a larger --max_iters")
 configurator.check(settings, CHECKS)
@@ -188,8 +178,11 @@ try:
     meta = json.load(open(meta_path))
 except json.JSONDecodeError:
     die(f"{meta_path} is not valid JSON; run prepare.py again")
-if not isinstance(meta, dict) or not {"vocab_size", "tokenizer", "tokenizer_sha256", "train", "val", "unigram_entropy"} <= set(meta):
+if not isinstance(meta, dict) or not {"vocab_size", "bos_id", "eos_id", "dtype", "tokenizer", "tokenizer_sha256", "train", "val",
+                                     "unigram_entropy"} <= set(meta):
     die(f"{meta_path} lacks keys that train.py needs; run prepare.py again")
+if meta["dtype"] != "uint16":
+    die(f"{meta_path} says the bins hold {meta['dtype']}, but train.py reads uint16 token ids; run prepare.py again")
 for split in ("train", "val"):
     path = os.path.join(data_dir, f"{split}.bin")
     size = os.path.getsize(path) if os.path.isfile(path) else -1
@@ -280,7 +273,8 @@ if ddp:
 if not os.path.isfile(meta["tokenizer"]):
     die(f"tokenizer {meta['tokenizer']} named in {meta_path} not found; run tokenizer.py and prepare.py again")
 tokenizer = Tokenizer(meta["tokenizer"])
-if tokenizer.vocab_size != meta["vocab_size"] or tokenizer.sha256() != meta["tokenizer_sha256"]:
+if (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sha256()) != (
+        meta["vocab_size"], meta["bos_id"], meta["eos_id"], meta["tokenizer_sha256"]):
     die(f"{meta['tokenizer']} is not the tokenizer {meta_path} was made with; run prepare.py again with it")
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=device)
 
@@ -394,7 +388,7 @@ while True:
             val_loss, val_bpb = evaluate()
             best_val_loss = min(best_val_loss, val_loss)
             log({"step": iter_num, "val_loss": val_loss, "val_bpb": val_bpb},
-                f"step {iter_num}: val loss {val_loss:.4f}, val bits per byte {val_bpb:.4f}")
+                f"step {iter_num}: val loss {val_loss:.4f} (best {best_val_loss:.4f}), val bits per byte {val_bpb:.4f}")
             if ddp:  # the checkpoint keeps the mean over ranks of the loss since the last log line
                 dist.all_reduce(loss_sum)
                 loss_sum /= world_size
