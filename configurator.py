@@ -112,9 +112,10 @@ def parse(argv, defaults, doc, script):
 
 def resume(defaults, given, saved, fixed, source):
     """The settings of a resumed run: those saved with it in source, and over them the ones given now (config
-    files and flags alike). A given setting that would change one of fixed ends the script."""
+    files and flags alike). A given setting that would change one of fixed ends the script; one that source
+    does not hold (an imported model holds its shape only) is free."""
     settings = {**defaults, **{k: v for k, v in saved.items() if k in defaults}, **given}
-    changed = [f"{k} ({saved.get(k)!r} -> {settings[k]!r})" for k in fixed if saved.get(k) != settings[k]]
+    changed = [f"{k} ({saved[k]!r} -> {settings[k]!r})" for k in fixed if k in saved and saved[k] != settings[k]]
     if changed:
         die(f"{source} cannot go on with another {', '.join(changed)}: that changes its batches or its shape; "
             f"drop those settings or start a new out_dir")

@@ -3,6 +3,7 @@
     python sample.py --out_dir=out/quickstart
     python sample.py --out_dir=out/5m --num_samples=5 --temperature=0.8 --top_k=50 --prompt="Once there was a fox"
     python sample.py --out_dir=out/5m --prompt_file=prompts.txt   # one prompt per line
+    python sample.py --hf_dir=hf/SimpleStories-35M --prompt="The cat"   # a Hugging Face folder (export.py)
 
 Each story starts at BOS (followed by the prompt, if any) and ends at EOS, the end of the context,
 or after --max_new_tokens; generation uses the model's KV cache. The tokenizer is the one the model
@@ -22,8 +23,13 @@ from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 
-def load_model(out_dir, device):
-    """The model in out_dir/ckpt.pt and the tokenizer it was trained with, saved beside it."""
+def load_model(out_dir, device, hf_dir=""):
+    """The model in out_dir/ckpt.pt and the tokenizer it was trained with, saved beside it; or, with hf_dir,
+    those of a Hugging Face folder of our family (export.py reads it)."""
+    if hf_dir:
+        from export import load_hf
+
+        return load_hf(hf_dir, device)
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.isfile(path):
         raise ValueError(f"{path} does not exist; train a model with train.py first")
@@ -47,6 +53,7 @@ def load_model(out_dir, device):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="out/quickstart", help="training run folder holding ckpt.pt")
+    parser.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (ours exported, or published)")
     parser.add_argument("--num_samples", type=int, default=3, help="stories per prompt")
     parser.add_argument("--max_new_tokens", type=int, default=400)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 (or under 1e-5): greedy")
@@ -77,7 +84,7 @@ def main():
         if not prompts:
             raise ValueError(f"prompt file {args.prompt_file} has no prompts: write one per line")
     device = pick_device(args.device)
-    model, tok = load_model(args.out_dir, device)
+    model, tok = load_model(args.out_dir, device, args.hf_dir)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()

@@ -155,10 +155,13 @@ def read_stories(spec):
 
 
 class Tokenizer:
-    """A trained sentencepiece model: encode, decode, bos_id, eos_id, vocab_size.
+    """A trained tokenizer: encode, decode, bos_id, eos_id, vocab_size, token_bytes, sha256.
 
     Tokenizer(path) reads the model file; Tokenizer(path, proto) takes the file's bytes as they were saved
-    elsewhere (a checkpoint keeps them), path then only naming where they came from."""
+    elsewhere (a checkpoint keeps them), path then only naming where they came from. The file is our
+    sentencepiece model, or a tokenizer.json of the `tokenizers` library: the published SimpleStories
+    checkpoints carry a lowercasing WordPiece one ([UNK] 0, [EOS] 1, no BOS: a story starts after EOS,
+    so EOS stands for BOS), and export.py writes one equal to ours."""
 
     def __init__(self, model_file, proto=None):
         if proto is None:
@@ -167,6 +170,10 @@ class Tokenizer:
             with open(model_file, "rb") as f:
                 proto = f.read()
         self.model_file, self.proto = model_file, proto
+        self.sp = self.fast = None
+        if proto.lstrip()[:1] == b"{":
+            self._load_fast(proto)
+            return
         try:
             if not proto:  # sentencepiece takes empty bytes for a model with no pieces
                 raise RuntimeError
@@ -178,8 +185,26 @@ class Tokenizer:
         # a literal U+2581 would come back as a space, so it is spelled as its three UTF-8 bytes
         self._sp_space_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SP_SPACE.encode("utf-8")]
 
+    def _load_fast(self, proto):
+        from tokenizers import Tokenizer as FastTokenizer
+
+        try:
+            self.fast = FastTokenizer.from_str(proto.decode("utf-8"))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise ValueError(f"{self.model_file} is not a tokenizer.json of the tokenizers library ({e})") from None
+        self.fast.encode_special_tokens = True  # "[EOS]" in a story is text, as "</s>" is for sentencepiece
+        self.vocab_size = self.fast.get_vocab_size(with_added_tokens=True)
+        vocab = self.fast.get_vocab(with_added_tokens=True)
+        eos = [vocab[t] for t in ("</s>", "[EOS]", "<|endoftext|>", "<eos>") if t in vocab]
+        if not eos:
+            raise ValueError(f"{self.model_file} has no end-of-text token (</s>, [EOS], <|endoftext|> or <eos>)")
+        self.eos_id = eos[0]
+        self.bos_id = next((vocab[t] for t in ("<s>", "[BOS]", "<bos>") if t in vocab), self.eos_id)
+
     def encode(self, text, bos=False, eos=False):
-        if SP_SPACE in text:
+        if self.fast is not None:
+            ids = self.fast.encode(text, add_special_tokens=False).ids
+        elif SP_SPACE in text:
             parts = text.split(SP_SPACE)
             ids = self.sp.encode(parts[0])
             for part in parts[1:]:
@@ -190,17 +215,38 @@ class Tokenizer:
 
     def encode_many(self, texts, bos=False, eos=False, num_threads=-1):
         """Encode a list of strings on all cores (sentencepiece's own threads, which release the GIL)."""
-        out = self.sp.encode(texts, num_threads=num_threads if num_threads > 0 else os.cpu_count())
-        for i, text in enumerate(texts):
-            if SP_SPACE in text:
-                out[i] = self.encode(text)
+        if self.fast is not None:
+            out = [e.ids for e in self.fast.encode_batch(texts, add_special_tokens=False)]
+        else:
+            out = self.sp.encode(texts, num_threads=num_threads if num_threads > 0 else os.cpu_count())
+            for i, text in enumerate(texts):
+                if SP_SPACE in text:
+                    out[i] = self.encode(text)
         return [[self.bos_id] * bos + ids + [self.eos_id] * eos for ids in out]
 
     def decode(self, ids):
-        return self.sp.decode([i for i in ids if i not in (self.bos_id, self.eos_id)])
+        ids = [i for i in ids if i not in (self.bos_id, self.eos_id)]
+        return self.fast.decode(ids, skip_special_tokens=True) if self.fast is not None else self.sp.decode(ids)
 
     def token_bytes(self):
-        """Number of UTF-8 bytes each token id stands for (0 for BOS, EOS and unknown): the denominator of bits per byte."""
+        """Number of UTF-8 bytes each token id stands for (0 for BOS, EOS and unknown): the denominator of bits
+        per byte. Exact for our tokenizers; for a WordPiece one, which drops spaces and case, an estimate:
+        a piece that starts a word counts the space before it."""
+        if self.fast is not None:
+            specials = {t.content for t in self.fast.get_added_tokens_decoder().values() if t.special}
+            wordpiece = json.loads(self.proto)["model"]["type"] == "WordPiece"
+            sizes = []
+            for i in range(self.vocab_size):
+                piece = self.fast.id_to_token(i) or ""
+                if piece in specials:
+                    sizes.append(0)
+                elif re.fullmatch(r"<0x[0-9A-F]{2}>", piece):
+                    sizes.append(1)
+                elif wordpiece:
+                    sizes.append(len(piece[2:].encode("utf-8")) if piece.startswith("##") else len(piece.encode("utf-8")) + 1)
+                else:
+                    sizes.append(len(piece.encode("utf-8")))
+            return sizes
         sizes = []
         for i in range(self.vocab_size):
             piece = self.sp.id_to_piece(i)

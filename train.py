@@ -197,7 +197,11 @@ def data_identity(m):
     return {"tokenizer sha256": m["tokenizer_sha256"], **{f"{s} {n}": m[s][n] for s in ("train", "val") for n in ("stories", "tokens")}}
 
 
-if checkpoint is not None:  # the bins it trained on, not others made since under the same name
+if checkpoint is not None and checkpoint["meta"] is None:  # imported by export.py: no bins yet, a tokenizer
+    if checkpoint["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
+        die(f"{data_dir} was prepared with another tokenizer than {ckpt_path} has; prepare the bins with its tokenizer, "
+            f"{checkpoint['tokenizer']['file']}")
+elif checkpoint is not None:  # the bins it trained on, not others made since under the same name
     was, now = data_identity(checkpoint["meta"]), data_identity(meta)
     changed = [f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now[k]]
     if changed:

@@ -1,0 +1,256 @@
+"""Export a train.py checkpoint as a Hugging Face model folder, and import one back.
+
+    python export.py --out_dir=out/5m --hf_dir=hf/5m                  # ours -> LlamaForCausalLM + fast tokenizer
+    python export.py --out_dir=out/5m --hf_dir=hf/5m --push_to_hub=you/simplestories-5m
+    python export.py --from_hf=hf/5m --out_dir=out/imported           # back: a checkpoint sample.py and train.py take
+
+The folder loads with transformers (AutoModelForCausalLM, AutoTokenizer), TransformerLens
+(TransformerBridge.boot_transformers) and nnsight:
+    config.json              LlamaConfig: rope_theta, rms_norm_eps, tie_word_embeddings, max_position_embeddings
+                             = n_ctx, bos/eos ids
+    model.safetensors        the weights, float32; ours map one to one onto Llama's
+    generation_config.json   bos/eos ids, and sampling as sample.py does it (temperature 0.8, top-k 50)
+    tokenizer.json           a fast tokenizer (the `tokenizers` library) that gives the ids of ours: the same
+                             sentencepiece BPE, merges ranked as sentencepiece ranks them, spaces as spaces, so that
+                             a literal U+2581 falls back to bytes as it does in ours. It adds BOS in front, as
+                             every story in train.bin starts; tokenizer(text, add_special_tokens=False) is
+                             exactly Tokenizer.encode(text)
+    tokenizer_config.json    special tokens; "<s>" in text is text, not BOS (split_special_tokens)
+    tokenizer.model          our sentencepiece model itself: an import gets the very file its bins were made with
+
+An import takes any Llama-shaped folder of our family: SwiGLU, RMSNorm, RoPE without scaling, no biases,
+input and output embedding tied (or untied but equal, as in published checkpoints); anything else is
+refused in one line that names what differs. The published SimpleStories models carry a WordPiece
+tokenizer.json of their own; Tokenizer reads it, so `python sample.py --hf_dir=DIR` runs them.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from configurator import atomic_write, die
+from model import GPT, GPTConfig
+from tokenizer import SP_SPACE, Tokenizer
+
+# our parameter names -> Llama's, applied in order (norm.weight, the final norm, is the exception)
+LLAMA_NAMES = (("embed.", "model.embed_tokens."), ("blocks.", "model.layers."), (".attn_norm.", ".input_layernorm."),
+               (".attn.", ".self_attn."), (".mlp_norm.", ".post_attention_layernorm."))
+
+
+def llama_state_dict(state):
+    """Our state dict under Llama's names; the tied output embedding is Llama's embed_tokens too."""
+    out = {}
+    for key, value in state.items():
+        if key == "lm_head.weight":
+            continue
+        if key == "norm.weight":
+            key = "model.norm.weight"
+        for ours, theirs in LLAMA_NAMES:
+            key = key.replace(ours, theirs)
+        out[key] = value
+    return out
+
+
+def our_state_dict(state):
+    """Llama's state dict under our names (the inverse of llama_state_dict), lm_head tied to the embedding."""
+    out = {}
+    for key, value in state.items():
+        if key == "lm_head.weight":
+            continue
+        if key == "model.norm.weight":
+            key = "norm.weight"
+        for ours, theirs in reversed(LLAMA_NAMES):
+            key = key.replace(theirs, ours)
+        out[key] = value
+    out["lm_head.weight"] = out["embed.weight"]
+    return out
+
+
+def fast_tokenizer(tok):
+    """Our sentencepiece BPE as a `tokenizers` BPE that encodes every string to the same ids.
+
+    sentencepiece merges, at each step, the adjacent pair whose joined piece has the best score; a BPE
+    with a merge (a, b) for every split of every piece into two pieces, ranked by the joined piece's
+    score, does the same. Pieces are written with spaces where sentencepiece writes U+2581, so no
+    normalizer is needed and a literal U+2581 in the text, in no piece, falls back to its bytes as ours
+    does. "\\n\\n" is matched before the BPE, as sentencepiece matches its user-defined symbol."""
+    from sentencepiece import sentencepiece_model_pb2
+    from tokenizers import AddedToken, decoders, models, processors
+    from tokenizers import Tokenizer as FastTokenizer
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(tok.proto)
+    pieces = [(p.piece.replace(SP_SPACE, " "), p.score, p.type) for p in proto.pieces]
+    vocab = {piece: i for i, (piece, _, _) in enumerate(pieces)}
+    normal = {piece for piece, _, kind in pieces if kind == sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL}
+    merges = sorted((-score, vocab[piece[:k]], vocab[piece[k:]], piece[:k], piece[k:])
+                    for piece, score, _ in pieces if piece in normal
+                    for k in range(1, len(piece)) if piece[:k] in normal and piece[k:] in normal)
+    fast = FastTokenizer(models.BPE(vocab=vocab, merges=[(a, b) for *_, a, b in merges], unk_token=tok.sp.id_to_piece(0),
+                                    byte_fallback=True, fuse_unk=True))
+    specials = [p for p, _, kind in pieces if kind in (sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL,
+                                                        sentencepiece_model_pb2.ModelProto.SentencePiece.UNKNOWN)]
+    fast.add_special_tokens([AddedToken(p, normalized=False, special=True) for p in specials])
+    fast.add_tokens([AddedToken(p, normalized=False, special=False) for p, _, kind in pieces
+                     if kind == sentencepiece_model_pb2.ModelProto.SentencePiece.USER_DEFINED])
+    fast.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    bos = tok.sp.id_to_piece(tok.bos_id)
+    fast.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                        special_tokens=[(bos, tok.bos_id)])
+    return fast
+
+
+def export(out_dir, hf_dir, push_to_hub=""):
+    """Write the checkpoint in out_dir as a Hugging Face folder hf_dir (and upload it to push_to_hub)."""
+    import transformers
+
+    from sample import load_model
+
+    model, tok = load_model(out_dir, "cpu")
+    if tok.sp is None:
+        raise ValueError(f"{out_dir} was imported with a tokenizer.json; export the folder it came from instead")
+    c = model.config
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.n_ctx, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True,
+        hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
+    result = llama.load_state_dict(llama_state_dict(model.state_dict()), strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+        raise ValueError(f"the weights do not map onto LlamaForCausalLM: {result}")
+    llama.generation_config = transformers.GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
+                                                            do_sample=True, temperature=0.8, top_k=50)
+    hf_tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=fast_tokenizer(tok), bos_token=tok.sp.id_to_piece(tok.bos_id),
+        eos_token=tok.sp.id_to_piece(tok.eos_id), unk_token=tok.sp.id_to_piece(0), split_special_tokens=True,
+        clean_up_tokenization_spaces=False, model_max_length=c.n_ctx)
+    os.makedirs(hf_dir, exist_ok=True)
+    llama.save_pretrained(hf_dir)
+    hf_tokenizer.save_pretrained(hf_dir)
+    path = os.path.join(hf_dir, "tokenizer_config.json")
+    with open(path) as f:
+        tokenizer_config = json.load(f)
+    with atomic_write(path, "w") as f:  # the class name that transformers 4 and 5 both know
+        json.dump({**tokenizer_config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
+    with atomic_write(os.path.join(hf_dir, "tokenizer.model")) as f:
+        f.write(tok.proto)
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        HfApi().upload_folder(folder_path=hf_dir, repo_id=push_to_hub, repo_type="model")
+
+
+def read_llama(hf_dir):
+    """(GPTConfig, our state dict, Tokenizer) of a Hugging Face folder of our family, read without transformers.
+    ValueError, naming what differs, for a folder that is not."""
+    from safetensors.torch import load_file
+
+    path = os.path.join(hf_dir, "config.json")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {path} ({e}); give --hf_dir a Hugging Face model folder") from None
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5 and 4 spell it apart
+    differs = [what for what, wrong in (
+        (f"model_type {config.get('model_type')!r}, not 'llama'", config.get("model_type") != "llama"),
+        (f"hidden_act {config.get('hidden_act')!r}, not 'silu'", config.get("hidden_act", "silu") != "silu"),
+        ("biases in attention", config.get("attention_bias")), ("biases in the MLP", config.get("mlp_bias")),
+        (f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}", rope.get("rope_type", rope.get("type", "default"))
+         not in ("default", None)),
+        ("head_dim other than hidden_size / num_attention_heads",
+         config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
+         != config["hidden_size"] // config["num_attention_heads"]),
+    ) if wrong]
+    if differs:
+        raise ValueError(f"{hf_dir} is not a model of our family: {'; '.join(differs)}")
+    try:
+        model_config = GPTConfig(
+            n_layers=config["num_hidden_layers"], d_model=config["hidden_size"], n_heads=config["num_attention_heads"],
+            n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]), d_mlp=config["intermediate_size"],
+            n_ctx=config["max_position_embeddings"], d_vocab=config["vocab_size"],
+            rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
+            norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{path} does not describe a model of our family ({e})") from None
+    files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
+    if not files:
+        raise ValueError(f"{hf_dir} holds no .safetensors weights; save the model with safe_serialization")
+    state = {}
+    for f in files:
+        state.update(load_file(os.path.join(hf_dir, f)))
+    if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state.get("model.embed_tokens.weight")):
+        raise ValueError(f"{hf_dir} is not a model of our family: its input and output embeddings differ (our GPT ties them)")
+    ours = our_state_dict({k: v.float() for k, v in state.items()})
+    expected = GPT(model_config).to("meta").state_dict()
+    extra, missing = set(ours) - set(expected), set(expected) - set(ours)
+    if extra or missing:
+        raise ValueError(f"{hf_dir} is not a model of our family: weights {', '.join(sorted(extra)[:3]) or 'none'} "
+                         f"too many, {', '.join(sorted(missing)[:3]) or 'none'} missing")
+    for name in ("tokenizer.model", "tokenizer.json"):  # our own sentencepiece file first: it is what the bins used
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            tok = Tokenizer(os.path.join(hf_dir, name))
+            break
+    else:
+        raise ValueError(f"{hf_dir} holds no tokenizer.model or tokenizer.json")
+    if tok.vocab_size > model_config.d_vocab:
+        raise ValueError(f"{hf_dir}: its tokenizer has {tok.vocab_size} pieces, more than the model's {model_config.d_vocab}")
+    return model_config, ours, tok
+
+
+def load_hf(hf_dir, device):
+    """The model and tokenizer of a Hugging Face folder, as sample.py's load_model gives a checkpoint's."""
+    model_config, state, tok = read_llama(hf_dir)
+    model = GPT(model_config)
+    model.load_state_dict(state)
+    return model.to(device).eval(), tok
+
+
+def import_hf(hf_dir, out_dir):
+    """Write the Hugging Face folder hf_dir as out_dir/ckpt.pt, a checkpoint at step 0: sample.py takes it, and
+    train.py --init_from=resume fine-tunes it on bins made with the same tokenizer."""
+    model_config, state, tok = read_llama(hf_dir)
+    model = GPT(model_config)
+    model.load_state_dict(state)
+    shape = {k: getattr(model_config, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx",
+                                                   "d_vocab", "rope_base", "norm_eps")}
+    checkpoint = {
+        "model": model.state_dict(), "model_config": shape,
+        "optimizer": model.configure_optimizer(0.0, 0.0, (0.9, 0.95), fused=False).state_dict(),
+        "train_config": shape,  # the shape only: everything else comes from the command that resumes it
+        "iter_num": 0, "best_val_loss": float("inf"), "loss_since_log": (0.0, 0),
+        "tokenizer": {"file": os.path.abspath(tok.model_file), "sha256": tok.sha256(), "model": tok.proto},
+        "meta": None,  # no bins yet: a resume checks the tokenizer of the bins it is given against this one
+        "rng": {"torch": torch.get_rng_state(), "cuda": torch.empty(0)},
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic_write(os.path.join(out_dir, "ckpt.pt")) as f:
+        torch.save(checkpoint, f)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out_dir", default="", help="the training run: ckpt.pt is read from it, or written by --from_hf")
+    parser.add_argument("--hf_dir", default="", help="the Hugging Face folder to write")
+    parser.add_argument("--from_hf", default="", help="a Hugging Face folder to import into --out_dir")
+    parser.add_argument("--push_to_hub", default="", help="also upload --hf_dir to this hub repo (user/name)")
+    args = parser.parse_args()
+    if not args.out_dir or bool(args.hf_dir) == bool(args.from_hf):
+        die("give --out_dir and either --hf_dir (export) or --from_hf (import); --help shows both")
+    if args.from_hf:
+        if os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
+            die(f"{os.path.join(args.out_dir, 'ckpt.pt')} exists: import into another --out_dir")
+        import_hf(args.from_hf, args.out_dir)
+        print(f"wrote {os.path.join(args.out_dir, 'ckpt.pt')} from {args.from_hf}")
+    else:
+        export(args.out_dir, args.hf_dir, args.push_to_hub)
+        print(f"wrote {args.hf_dir}: " + ", ".join(sorted(os.listdir(args.hf_dir))))
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        die(str(e))
