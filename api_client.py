@@ -7,7 +7,10 @@
   own retries are off: they would hide from the run why it waits and what each retry was for.
 - check_server: one GET /models before a run, so an unreachable --base_url ends it in seconds.
 - RateLimiter: requests and tokens per minute.
-- the request body, and the list prices that give a run's cost.
+- the request body, the list prices that give a run's cost, and a count of a prompt's tokens.
+
+The generator passes its args; evaluate.py's judge passes an object with the same fields (model, base_url,
+timeout, max_retries, backoff, price_in, price_out, batch), and model_flag, the flag that names its model.
 """
 
 import asyncio
@@ -55,9 +58,9 @@ class GaveUp(FatalError):
     """A request that failed on each of its tries: fatal in Batch mode, the loss of one prompt in a live run."""
 
 
-def refusal(status, message):
+def refusal(status, message, model_flag="--model"):
     """The error for a request that the API refuses as it is: a 4xx answer not in RETRIED_4XX."""
-    return FatalError(f"the API refused the request ({status}): {message}; check --model, --base_url and the"
+    return FatalError(f"the API refused the request ({status}): {message}; check {model_flag}, --base_url and the"
                       f" other settings")
 
 
@@ -108,7 +111,7 @@ async def with_retries(call, args, progress):
             if e.code == "insufficient_quota":  # a 429 that no wait cures
                 raise FatalError(f"the account has no quota left (429 insufficient_quota): {message}") from None
             if e.status_code < 500 and e.status_code not in RETRIED_4XX:
-                raise refusal(e.status_code, message) from None
+                raise refusal(e.status_code, message, getattr(args, "model_flag", "--model")) from None
             reason, error, wait = str(e.status_code), f"{e.status_code} {message}", retry_after(e.response.headers)
         except openai.APITimeoutError:
             reason, error = "timeout", f"no answer in {args.timeout:g} s"
@@ -154,9 +157,30 @@ class RateLimiter:
         self.level[1] = min(self.capacity[1], self.level[1] + tokens)
 
 
-def request_body(args, prompt):
+def max_tokens_key(model):
     # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse max_tokens and want max_completion_tokens;
     # other servers (older llama.cpp, some proxies) know only max_tokens, so only those models get the new name
-    max_key = "max_completion_tokens" if re.match(r"gpt-5|o\d", args.model) else "max_tokens"
+    return "max_completion_tokens" if re.match(r"gpt-5|o\d", model) else "max_tokens"
+
+
+def request_body(args, prompt):
     return {"model": args.model, "messages": [{"role": "user", "content": prompt}],
-            max_key: args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+            max_tokens_key(args.model): args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+
+
+def message_tokens(texts, model):
+    """(mean tokens of a chat message holding each text, how they were counted): tiktoken's encoding of model,
+    or OpenAI's newest for a model it does not know; 4 characters a token when tiktoken cannot load its
+    vocabulary (it downloads it on first use, so offline it cannot)."""
+    import tiktoken
+
+    try:
+        try:
+            encoding = tiktoken.encoding_for_model(model)
+        except KeyError:
+            encoding = tiktoken.get_encoding("o200k_base")
+        counts, how = [len(t) for t in encoding.encode_batch(texts)], f"tiktoken {encoding.name}"
+    except Exception as e:  # no vocabulary offline: tiktoken raises whatever its download raised
+        counts = [len(t) / 4 for t in texts]
+        how = f"4 characters a token, as tiktoken could not load its vocabulary: {type(e).__name__}"
+    return sum(counts) / max(1, len(counts)) + 7, how  # + the chat format's tokens around a message

@@ -8,7 +8,20 @@
 Writes to --out_dir (default: the input's folder, or data/<name> for a hub dataset):
     train.bin, val.bin   every story as BOS story EOS, concatenated; little-endian uint16 token ids
     train.idx, val.idx   token offset of each story's BOS; little-endian uint64
-    meta.json            vocab size, special ids, tokenizer file and sha256, counts, the split rule
+    train.stories.parquet, val.stories.parquet
+                         one row per story, in bin order: offset (of its BOS), length (in tokens, BOS and EOS
+                         included), id, and its labels theme, topic, style, feature, grammar, persona,
+                         initial_word_type, initial_letter (text) and num_paragraphs (a whole number); a label
+                         the input does not have (text input has none) is null
+    meta.json            vocab size, special ids, tokenizer file and sha256, counts, the split rule, the labels
+
+The labels sit next to the tokens, so activations and losses can be grouped by label without
+re-tokenizing: story_ranges gives the token ranges of the stories with given labels, read_index the table.
+
+    from prepare import story_ranges
+    tokens = np.memmap("data/sample/val.bin", dtype=np.uint16, mode="r")
+    for start, end in story_ranges("data/sample", "val", theme="Friendship", num_paragraphs=[2, 3]):
+        story = tokens[start:end]    # BOS story EOS
 
 A story goes to val when the hash of its id falls under --val_fraction, so adding stories never
 moves an old one across splits. A dataset with a split of its own (the published test split) keeps
@@ -26,12 +39,17 @@ import os
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from configurator import atomic_write, die
-from tokenizer import HUB, VAL_SPLITS, Tokenizer, hub_splits, input_files, input_name, parse_hub, read_stories
+from tokenizer import HUB, LABELS, VAL_SPLITS, Tokenizer, hub_splits, input_files, input_name, parse_hub, read_stories
 
 SPLITS = ("train", "val")
+INDEX_SCHEMA = pa.schema([("offset", pa.uint64()), ("length", pa.uint32()), ("id", pa.string())]
+                         + [(k, pa.int32() if k == "num_paragraphs" else pa.string()) for k in LABELS])
 
 
 def split_of(story_id, val_fraction):
@@ -55,45 +73,54 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
     tok = Tokenizer(tokenizer_file)
     if tok.vocab_size >= 65536:
         raise ValueError(f"{tokenizer_file} has {tok.vocab_size} pieces, too many for uint16 token files; train a tokenizer with --vocab_size below 65536")
-    paths = {f"{s}.{ext}": os.path.join(out_dir, f"{s}.{ext}") for s in SPLITS for ext in ("bin", "idx")}
-    files = {}
+    paths = {f"{s}.{ext}": os.path.join(out_dir, f"{s}.{ext}") for s in SPLITS for ext in ("bin", "idx", "stories.parquet")}
+    files, index = {}, {}  # open files, and the parquet writer of each split's story index
     counts = {s: {"stories": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    labelled = set()  # the labels some story has
     unigram = np.zeros(tok.vocab_size, dtype=np.int64)  # token frequencies in train, for the unigram baseline
     try:
         try:
             os.makedirs(out_dir, exist_ok=True)
             for name, path in paths.items():
                 files[name] = open(path + ".tmp", "wb")
+            for s in SPLITS:
+                index[s] = pq.ParquetWriter(files[f"{s}.stories.parquet"], INDEX_SCHEMA)
         except OSError as e:
             raise ValueError(f"cannot write to --out_dir={out_dir}: {e.strerror}") from None
         bar = tqdm(unit=" stories", desc="tokenizing", dynamic_ncols=True)
         start = time.time()
 
-        def stories():  # (split, id, story)
+        def stories():  # (split, id, story, labels)
             if val_input is None:
-                for sid, text in read_stories(input_spec):
-                    yield split_of(sid, val_fraction), sid, text
+                for sid, text, labels in read_stories(input_spec, labels=True):
+                    yield split_of(sid, val_fraction), sid, text, labels
             else:
                 for split, spec in (("train", input_spec), ("val", val_input)):
-                    for sid, text in read_stories(spec):
-                        yield split, sid, text
+                    for sid, text, labels in read_stories(spec, labels=True):
+                        yield split, sid, text, labels
 
         def write(chunk):
-            encoded = tok.encode_many([text for _, _, text in chunk], bos=True, eos=True)
-            split = [si for si, _, _ in chunk]
+            encoded = tok.encode_many([text for _, _, text, _ in chunk], bos=True, eos=True)
             for s in SPLITS:
-                rows = [(text, ids) for (_, _, text), ids, si in zip(chunk, encoded, split) if si == s]
+                rows = [(sid, text, labels, ids) for (si, sid, text, labels), ids in zip(chunk, encoded) if si == s]
                 if not rows:
                     continue
-                lengths = np.array([len(ids) for _, ids in rows], dtype="<u8")
-                (counts[s]["tokens"] + np.cumsum(lengths) - lengths).tofile(files[f"{s}.idx"])
-                tokens = np.fromiter(itertools.chain.from_iterable(ids for _, ids in rows), dtype="<u2")
+                lengths = np.array([len(ids) for *_, ids in rows], dtype="<u8")
+                offsets = counts[s]["tokens"] + np.cumsum(lengths) - lengths
+                offsets.tofile(files[f"{s}.idx"])
+                columns = {"offset": offsets, "length": lengths.astype(np.uint32), "id": [sid for sid, *_ in rows]}
+                for k in LABELS:
+                    columns[k] = [labels.get(k) for _, _, labels, _ in rows]
+                    if any(v is not None for v in columns[k]):
+                        labelled.add(k)
+                index[s].write_table(pa.table(columns, schema=INDEX_SCHEMA))
+                tokens = np.fromiter(itertools.chain.from_iterable(ids for *_, ids in rows), dtype="<u2")
                 tokens.tofile(files[f"{s}.bin"])
                 if s == "train":
                     unigram[:] += np.bincount(tokens, minlength=tok.vocab_size)
                 counts[s]["stories"] += len(rows)
                 counts[s]["tokens"] += int(lengths.sum())
-                counts[s]["bytes"] += sum(len(text.encode("utf-8")) for text, _ in rows)
+                counts[s]["bytes"] += sum(len(text.encode("utf-8")) for _, text, _, _ in rows)
             bar.update(len(chunk))
             tokens = counts["train"]["tokens"] + counts["val"]["tokens"]
             bar.set_postfix_str(f"{tokens / (time.time() - start):,.0f} tokens/s")
@@ -112,11 +139,18 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
                 if val_input is not None:
                     raise ValueError(f"{val_input if s == 'val' else input_spec} holds no stories for {s}.bin")
                 raise ValueError(f"no stories went to {s} (val_fraction={val_fraction}, {counts['train']['stories'] + counts['val']['stories']} stories); give more stories or another --val_fraction")
+        for writer in index.values():
+            writer.close()
         for f in files.values():
             f.flush()
             os.fsync(f.fileno())
             f.close()
     except BaseException:
+        for writer in index.values():
+            try:
+                writer.close()
+            except Exception:  # an error while the last row group was written: the file goes anyway
+                pass
         for name, f in files.items():
             f.close()
             os.remove(paths[name] + ".tmp")
@@ -131,6 +165,9 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
         **{s: counts[s] for s in SPLITS},
         # cross-entropy (nats per token) of predicting train tokens by their frequency alone: the loss to beat
         "unigram_entropy": float(-(p * np.log(p)).sum()),
+        "labels": [k for k in LABELS if k in labelled],  # the label columns of the story index that hold values
+        "stories_index": "{split}.stories.parquet: offset, length, id and labels of each story in bin order; "
+                         "prepare.story_ranges(data_dir, split, label=value, ...) gives token ranges",
     }
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -140,6 +177,54 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
     with atomic_write(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
     return meta
+
+
+def read_index(data_dir, split="val", columns=None):
+    """The story index of a split as a pyarrow Table (offset, length, id and the labels, in bin order), checked
+    against meta.json; label columns come dictionary-encoded. ValueError if it is missing or does not match."""
+    path, meta_path = os.path.join(data_dir, f"{split}.stories.parquet"), os.path.join(data_dir, "meta.json")
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    if not os.path.isfile(path) or not os.path.isfile(meta_path):
+        raise ValueError(f"{path} does not exist; run prepare.py for {data_dir} again (bins made before labels were "
+                         f"kept beside them have no story index)")
+    try:
+        with open(meta_path) as f:
+            expected = json.load(f)[split]["stories"]
+        table = pq.read_table(path, columns=columns, read_dictionary=[k for k in LABELS if k != "num_paragraphs"])
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as e:
+        raise ValueError(f"cannot read {path} or {meta_path} ({type(e).__name__}); run prepare.py again") from None
+    if table.num_rows != expected:
+        raise ValueError(f"{path} has {table.num_rows} stories, {meta_path} says {expected}; run prepare.py again")
+    return table
+
+
+def story_ranges(data_dir, split="val", **labels):
+    """Token ranges [start, end) in {split}.bin of the stories whose labels match, in bin order, as an (n, 2) int64
+    array; tokens[start:end] is BOS story EOS. Each keyword is a label and its value one value or a list of
+    values (any of them); several keywords must all match; none: every story.
+
+        story_ranges("data/sample", "val", theme="Friendship")
+        story_ranges("data/sample", "train", theme=["Friendship", "Courage"], num_paragraphs=3)
+
+    read_index(data_dir, split)[label].unique() lists a label's values."""
+    unknown = [k for k in labels if k not in LABELS]
+    if unknown:
+        raise ValueError(f"no label {unknown[0]!r}; the labels are {', '.join(LABELS)}")
+    table = read_index(data_dir, split, columns=["offset", "length", *labels])
+    mask = pa.array(np.ones(table.num_rows, dtype=bool))
+    for key, wanted in labels.items():
+        wanted = wanted if isinstance(wanted, (list, tuple, set)) else [wanted]
+        column = table[key]
+        value_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+        try:
+            values = pa.array(list(wanted), type=value_type)
+        except (pa.ArrowException, TypeError, ValueError):
+            raise ValueError(f"label {key} holds {value_type} values, not {list(wanted)!r}") from None
+        mask = pc.and_(mask, pc.fill_null(pc.is_in(column, value_set=values), False))
+    chosen = table.filter(mask)
+    start = chosen["offset"].to_numpy().astype(np.int64)
+    return np.stack([start, start + chosen["length"].to_numpy().astype(np.int64)], axis=1)
 
 
 def main():

@@ -100,11 +100,33 @@ def story_id(text):
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
 
 
-def read_stories(spec):
-    """Yield (id, story) for every story in the input files, streaming, in file order.
+# the prompt labels a story record carries (stories.py writes them, the published dataset has the same columns);
+# num_paragraphs is a whole number, the others text ("" for an axis the prompt left out)
+LABELS = ("theme", "topic", "style", "feature", "grammar", "persona", "initial_word_type", "initial_letter",
+          "num_paragraphs")
 
-    Bad input (a line that is not JSON, a record without a text 'story', bytes that are not UTF-8)
-    raises ValueError naming the file and line.
+
+def story_labels(values, where):
+    """{label: value} of the LABELS present in values (a record, or a parquet row), each checked: num_paragraphs
+    a whole number, the others text. A missing or null label is left out. ValueError names where."""
+    labels = {}
+    for key in LABELS:
+        value = values.get(key)
+        if value is None:
+            continue
+        wanted = int if key == "num_paragraphs" else str
+        if type(value) is not wanted:
+            raise ValueError(f"{where}: label {key} is {value!r}, not {'a whole number' if wanted is int else 'text'}")
+        labels[key] = value
+    return labels
+
+
+def read_stories(spec, labels=False):
+    """Yield (id, story) for every story in the input files, streaming, in file order; with labels=True,
+    (id, story, labels), labels a {label: value} dict of the LABELS the record has (empty for text input).
+
+    Bad input (a line that is not JSON, a record without a text 'story', bytes that are not UTF-8, with
+    labels=True a label of the wrong type) raises ValueError naming the file and line.
     """
     for path in input_files(spec):
         if path.endswith(".jsonl"):
@@ -120,20 +142,32 @@ def read_stories(spec):
                         raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); fix or delete that line") from None
                     if not isinstance(record, dict) or not isinstance(record.get("story"), str):
                         raise ValueError(f"{path} line {line_no}: record has no text field 'story'; each line must be a JSON object with a 'story' string")
-                    yield str(record.get("id") or story_id(record["story"])), record["story"]
+                    sid = str(record.get("id") or story_id(record["story"]))
+                    if labels:
+                        yield sid, record["story"], story_labels(record, f"{path} line {line_no}")
+                    else:
+                        yield sid, record["story"]
         elif path.endswith(".parquet"):
             import pyarrow.parquet as pq  # only needed for the published parquet shards
 
             shard = pq.ParquetFile(path)
-            if "story" not in shard.schema_arrow.names:
-                raise ValueError(f"{path}: no column 'story' (columns: {', '.join(shard.schema_arrow.names)})")
-            columns = ["story"] + (["id"] if "id" in shard.schema_arrow.names else [])
+            names = shard.schema_arrow.names
+            if "story" not in names:
+                raise ValueError(f"{path}: no column 'story' (columns: {', '.join(names)})")
+            columns = ["story"] + (["id"] if "id" in names else []) + ([k for k in LABELS if k in names] if labels else [])
+            row = 0
             for batch in shard.iter_batches(columns=columns, batch_size=8192):
-                stories = batch.column("story").to_pylist()
-                ids = batch.column("id").to_pylist() if "id" in columns else [None] * len(stories)
-                for i, text in zip(ids, stories):
-                    if text is not None:
-                        yield str(i or story_id(text)), text
+                data = batch.to_pydict()
+                stories, ids = data["story"], data.get("id") or [None] * batch.num_rows
+                for j, (i, text) in enumerate(zip(ids, stories)):
+                    if text is None:
+                        continue
+                    sid = str(i or story_id(text))
+                    if labels:
+                        yield sid, text, story_labels({k: data[k][j] for k in LABELS if k in data}, f"{path} row {row + j}")
+                    else:
+                        yield sid, text
+                row += batch.num_rows
         else:
             with open(path, "rb") as f:
                 lines = []
@@ -145,13 +179,13 @@ def read_stories(spec):
                     if line.strip() == TEXT_SEPARATOR:
                         text = "".join(lines).strip("\n")
                         if text:
-                            yield story_id(text), text
+                            yield (story_id(text), text, {}) if labels else (story_id(text), text)
                         lines = []
                     else:
                         lines.append(line)
                 text = "".join(lines).strip("\n")
                 if text:
-                    yield story_id(text), text
+                    yield (story_id(text), text, {}) if labels else (story_id(text), text)
 
 
 class Tokenizer:

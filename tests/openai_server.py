@@ -1,5 +1,6 @@
 """
-A local OpenAI-compatible HTTP server for the tests and benchmarks of generate_stories.py.
+A local OpenAI-compatible HTTP server for the tests and benchmarks of generate_stories.py and of the judge of
+evaluate.py.
 
 It speaks the parts of the API that generate_stories.py uses, through the real `openai` client:
     GET /v1/models, POST /v1/chat/completions, POST /v1/files, GET /v1/files/{id}, GET /v1/files/{id}/content,
@@ -9,6 +10,9 @@ and writes plausible simple stories, deterministically from the prompt: as many 
 separated by the marker line it names. `max_tokens` is honoured (4 characters a token): an answer
 that does not fit is cut, with finish_reason "length", as a real server does. Like OpenAI, it refuses
 `max_tokens` (400) for the models that want `max_completion_tokens` (gpt-5*, o1, o3, o4-mini...).
+A judge request (judge.py's prompt, "Grade the story", or a json_schema response format) is answered with a
+grade, a JSON object of an explanation and four scores from 0 to 100 that depend only on the story graded;
+with json_schema=False a json_schema response format is refused (400), as by servers that do not take one.
 
 Faults, injected at random with probability `fault_rate` or queued with `inject(kind, n)`:
     429         rate limited, asking to wait `retry_after` seconds (retry-after-ms and Retry-After headers,
@@ -23,6 +27,11 @@ Faults, injected at random with probability `fault_rate` or queued with `inject(
 and, only when queued, answers that end a run: 400 and 403, and quota (429 insufficient_quota).
 With `answer_fault` one of truncated, fewer or merged, every answer has it, live and in batches, as a
 model that always makes that mistake (or a --max_tokens always too small) would.
+Faults of a judge's answer (JUDGE_FAULTS), queued with inject(kind, n), drawn with faults=..., or in every
+judge answer with answer_fault=kind; a story request ignores them:
+    not_json        a grade in words, not JSON
+    out_of_range    a score of 150
+    missing_score   the grammar score left out
 
 A batch goes through validating, in_progress and finalizing to completed in `batch_delay` seconds.
 In it, a request fails with probability `batch_fault_rate`: alternately an error-file line and a
@@ -57,6 +66,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 FAULTS = ("429", "500", "stall", "disconnect", "malformed", "truncated", "fewer", "merged")
 FATAL_FAULTS = ("400", "403", "quota")
 ANSWER_FAULTS = ("truncated", "fewer", "merged")  # faults of the answer's text, which may be a model's habit
+JUDGE_FAULTS = ("not_json", "out_of_range", "missing_score")
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-nano", "gpt-5-nano")  # what GET /v1/models lists
 BATCH_FAULTS = ("failed", "expired", "garbled", "refused", "slow", "timeout")
 ERRORS = {  # status, and the error object of the answer
@@ -71,6 +81,8 @@ ERRORS = {  # status, and the error object of the answer
 STORIES_PER_PROMPT_RE = re.compile(r"Write (\d+) short stories")
 N_PARAGRAPHS_RE = re.compile(r"exactly (\d+|one) paragraph")
 SEPARATOR_RE = re.compile(r'line with only "([^"]+)"')
+JUDGE_RE = re.compile(r"Grade the story")  # judge.py's prompt
+STORY_RE = re.compile(r"<story>\n(.*)\n</story>", re.S)
 
 SUBJECTS = ["Mia", "Leo", "Ava", "Sam", "Lily", "Max", "Zoe", "Ben", "The cat", "The dog",
             "A little bird", "The old man", "A small fox", "The girl", "The boy", "Grandma"]
@@ -99,10 +111,11 @@ class OpenAIServer:
     """The server's state, and the server itself in a background thread (a context manager)."""
 
     def __init__(self, latency=0.0, fault_rate=0.0, faults=FAULTS, stall=2.0, retry_after=0.05, retry_after_ms=True,
-                 api_key="sk-test-key", batch_delay=0.2, batch_fault_rate=0.0, answer_fault=None, seed=0, port=0):
-        assert answer_fault in (None,) + ANSWER_FAULTS, answer_fault
+                 api_key="sk-test-key", batch_delay=0.2, batch_fault_rate=0.0, answer_fault=None, seed=0, port=0,
+                 json_schema=True):
+        assert answer_fault in (None,) + ANSWER_FAULTS + JUDGE_FAULTS, answer_fault
         self.latency, self.fault_rate, self.faults, self.stall = latency, fault_rate, list(faults), stall
-        self.answer_fault = answer_fault
+        self.answer_fault, self.json_schema = answer_fault, json_schema
         self.retry_after, self.retry_after_ms = retry_after, retry_after_ms
         self.api_key, self.batch_delay, self.batch_fault_rate = api_key, batch_delay, batch_fault_rate
         self.rng = random.Random(seed)
@@ -126,7 +139,7 @@ class OpenAIServer:
         self.httpd.server_close()
 
     def inject(self, kind, n=1):
-        assert kind in FAULTS + FATAL_FAULTS, kind
+        assert kind in FAULTS + FATAL_FAULTS + JUDGE_FAULTS, kind
         with self.lock:
             self.queued += [kind] * n
 
@@ -153,19 +166,44 @@ class OpenAIServer:
 
     # chat completions
 
-    @staticmethod
-    def refusal(body):
-        """The (status, error) with which OpenAI refuses a request body, or None."""
+    def refusal(self, body):
+        """The (status, error) with which OpenAI (or a server without JSON schemas) refuses a request body, or None."""
         if re.match(r"gpt-5|o\d", body.get("model", "")) and "max_tokens" in body:
             return 400, {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use"
                                     " 'max_completion_tokens' instead.", "type": "invalid_request_error",
                          "param": "max_tokens", "code": "unsupported_parameter"}
+        if not self.json_schema and (body.get("response_format") or {}).get("type") == "json_schema":
+            return 400, {"message": "response_format of type 'json_schema' is not supported by this model.",
+                         "type": "invalid_request_error", "param": "response_format", "code": None}
         return None
+
+    @staticmethod
+    def grade(prompt, fault):
+        """A judge's answer: scores from 0 to 100 that depend only on the story in the prompt, as JSON."""
+        m = STORY_RE.search(prompt)
+        h = hashlib.blake2b((m.group(1) if m else prompt).encode(), digest_size=8).digest()
+        grade = {"explanation": "A simple story that mostly holds together.",
+                 **{k: 20 + h[j] % 71 for j, k in enumerate(("originality", "coherence", "grammar", "quality"))}}
+        if fault == "out_of_range":
+            grade["originality"] = 150
+        if fault == "missing_score":
+            del grade["grammar"]
+        if fault == "not_json":
+            return f"The story is fine. Originality: {grade['originality']} out of 100, quality: {grade['quality']}."
+        return json.dumps(grade)
 
     def completion(self, body, fault=None):
         """A chat completion object for a request body; faults that change the answer applied."""
         fault = fault or self.answer_fault
         prompt = body["messages"][-1]["content"]
+        if JUDGE_RE.search(prompt) or (body.get("response_format") or {}).get("type") == "json_schema":
+            text = self.grade(prompt, fault if fault in JUDGE_FAULTS else None)
+            return {"id": self.new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()),
+                    "model": body.get("model", "gpt-4o-mini") + "-2024-07-18",
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(text) // 4,
+                              "total_tokens": len(prompt) // 4 + len(text) // 4}}
+        fault = fault if fault in FAULTS + ANSWER_FAULTS else None
         m = STORIES_PER_PROMPT_RE.search(prompt)
         stories_per_prompt = int(m.group(1)) if m else 1
         m = N_PARAGRAPHS_RE.search(prompt)

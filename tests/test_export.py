@@ -1,7 +1,9 @@
 """export.py: our checkpoints as Hugging Face folders and back, checked against transformers, TransformerLens
-and our own tokenizer; the published SimpleStories layout (WordPiece tokenizer.json) through sample.py."""
+and our own tokenizer; the published SimpleStories layout (WordPiece tokenizer.json) through sample.py and
+evaluate.py."""
 
 import json
+import math
 import os
 import shutil
 
@@ -172,7 +174,7 @@ def published_folder(root):
     return llama, fast
 
 
-def test_published_layout_runs_through_sample(tmp_path):
+def test_published_layout_runs_through_sample_and_evaluate(tmp_path):
     llama, fast = published_folder(tmp_path / "published")
     tok = Tokenizer(str(tmp_path / "published" / "tokenizer.json"))
     assert (tok.eos_id, tok.bos_id, tok.vocab_size) == (1, 1, fast.get_vocab_size())  # EOS stands for BOS
@@ -187,6 +189,20 @@ def test_published_layout_runs_through_sample(tmp_path):
     result = run("sample.py", f"--hf_dir={tmp_path / 'published'}", "--prompt=The cat", "--max_new_tokens=20",
                  "--num_samples=2", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.count("-" * 40) == 2, result.stderr
+    # bins made with the folder's tokenizer.json, then the loss by story and label on them
+    result = run("prepare.py", f"--input={SAMPLE}", f"--tokenizer={tmp_path / 'published' / 'tokenizer.json'}",
+                 "--out_dir=data/published", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "give --dataset=NAME" in one_error_line(run("evaluate.py", f"--hf_dir={tmp_path / 'published'}", cwd=tmp_path))
+    result = run("evaluate.py", f"--hf_dir={tmp_path / 'published'}", "--dataset=published", "--batch_size=32", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    report = json.load(open(tmp_path / "out" / "published" / "eval" / "loss.json"))
+    meta = json.load(open(tmp_path / "data" / "published" / "meta.json"))
+    assert report["stories"] == meta["val"]["stories"] and report["n_ctx"] == 2048
+    assert report["predicted_tokens"] == meta["val"]["tokens"] - meta["val"]["stories"]
+    # a random model predicts about uniformly: its loss is near log(vocab size)
+    assert abs(report["token_loss"] - math.log(tok.vocab_size)) < 0.5
+    assert {"theme", "topic"} <= {r["group"] for r in report["rows"]}
 
 
 def test_transformer_lens_gives_the_same_logits_and_a_cache(exported):

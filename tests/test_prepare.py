@@ -1,4 +1,5 @@
-"""prepare.py: the bins decode to exactly their split's stories, the split is stable, failures leave nothing."""
+"""prepare.py: the bins decode to exactly their split's stories, the story index gives each story's tokens and
+labels, the split is stable, failures leave nothing."""
 
 import json
 import os
@@ -8,7 +9,7 @@ import pytest
 
 import prepare
 from conftest import SAMPLE, one_error_line, run
-from tokenizer import Tokenizer, read_stories
+from tokenizer import LABELS, Tokenizer, read_stories
 
 
 def decoded_stories(out_dir, split, tok):
@@ -39,6 +40,66 @@ def test_bins_decode_to_their_split(workdir, tmp_path, chunk_stories):
     assert meta["vocab_size"] == 4096 and meta["tokenizer_sha256"] == tok.sha256()
     assert json.load(open(tmp_path / "meta.json")) == meta
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_story_index_holds_each_storys_tokens_and_labels(workdir, tmp_path):
+    tok = Tokenizer(str(workdir / "tokenizers" / "sample.model"))
+    meta = prepare.prepare(SAMPLE, tok.model_file, str(tmp_path), val_fraction=0.1, chunk_stories=7)
+    records = [json.loads(line) for line in open(SAMPLE)]
+    assert meta["labels"] == list(LABELS)
+    for split in ("train", "val"):
+        expected = [r for r in records if prepare.split_of(r["id"], 0.1) == split]
+        index = prepare.read_index(str(tmp_path), split)
+        assert index["offset"].to_pylist() == np.fromfile(tmp_path / f"{split}.idx", dtype="<u8").tolist()
+        start = 0
+        for row, record in zip(index.to_pylist(), expected, strict=True):
+            n = len(tok.encode(record["story"], bos=True, eos=True))  # re-tokenized: the reference
+            assert (row["offset"], row["length"], row["id"]) == (start, n, record["id"])
+            assert {k: row[k] for k in LABELS} == {k: record[k] for k in LABELS}
+            start += n
+
+
+def test_story_ranges_match_retokenizing_the_stories(workdir, tmp_path):
+    tok = Tokenizer(str(workdir / "tokenizers" / "sample.model"))
+    prepare.prepare(SAMPLE, tok.model_file, str(tmp_path), val_fraction=0.1)
+    val = [r for r in map(json.loads, open(SAMPLE)) if prepare.split_of(r["id"], 0.1) == "val"]
+    tokens = np.fromfile(tmp_path / "val.bin", dtype="<u2")
+
+    def naive(match):  # token ranges of the matching val stories, found by tokenizing every val story again
+        ranges, start = [], 0
+        for record in val:
+            n = len(tok.encode(record["story"], bos=True, eos=True))
+            ranges += [[start, start + n]] if match(record) else []
+            start += n
+        return ranges
+
+    theme = val[0]["theme"]
+    ranges = prepare.story_ranges(str(tmp_path), "val", theme=theme)
+    assert ranges.tolist() == naive(lambda r: r["theme"] == theme) and len(ranges) >= 1
+    assert [tok.decode(tokens[a:b].tolist()) for a, b in ranges] == [r["story"] for r in val if r["theme"] == theme]
+    themes, paragraphs = {val[0]["theme"], val[1]["theme"]}, [2, 3, 4]
+    assert prepare.story_ranges(str(tmp_path), "val", theme=sorted(themes), num_paragraphs=paragraphs).tolist() == \
+        naive(lambda r: r["theme"] in themes and r["num_paragraphs"] in paragraphs)
+    assert prepare.story_ranges(str(tmp_path), "val", persona="").tolist() == naive(lambda r: r["persona"] == "")
+    assert len(prepare.story_ranges(str(tmp_path), "val")) == len(val)
+    assert len(prepare.story_ranges(str(tmp_path), "val", theme="no such theme")) == 0
+    with pytest.raises(ValueError, match="no label 'colour'"):
+        prepare.story_ranges(str(tmp_path), "val", colour="red")
+    with pytest.raises(ValueError, match="label num_paragraphs holds int32 values"):
+        prepare.story_ranges(str(tmp_path), "val", num_paragraphs="three")
+
+
+def test_stories_without_labels_and_labels_of_the_wrong_type(workdir, tmp_workdir):
+    stories = [t for _, t in read_stories(SAMPLE)][:60]
+    text = tmp_workdir / "stories.txt"
+    text.write_text("\n<|endoftext|>\n".join(stories) + "\n")
+    meta = prepare.prepare(str(text), str(workdir / "tokenizers" / "sample.model"), str(tmp_workdir / "text"), val_fraction=0.2)
+    index = prepare.read_index(str(tmp_workdir / "text"), "train")
+    assert meta["labels"] == [] and all(index[k].null_count == index.num_rows for k in LABELS)
+    bad = tmp_workdir / "bad.jsonl"
+    bad.write_bytes(b"".join(good_lines()) + b'{"story": "A fox.", "num_paragraphs": "three"}\n')
+    result = run("prepare.py", f"--input={bad}", "--tokenizer=tokenizers/sample.model", cwd=tmp_workdir)
+    assert "line 41: label num_paragraphs is 'three', not a whole number" in one_error_line(result)
 
 
 def test_split_is_stable_as_the_corpus_grows(tmp_path):
