@@ -26,10 +26,9 @@ import time
 import unicodedata
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
-from api_client import BATCH_DISCOUNT, price_per_token
+from api_client import BATCH_DISCOUNT, message_tokens, price_per_token
 from configurator import die
 from tokenizer import story_id  # a record's id: the story's SHA-1 in 16 hex digits
 
@@ -360,16 +359,7 @@ def dry_run(args, axes, names):
     print(f"independence check: {verdict} (smallest p {p_min:.2g} for {a} x {b}; threshold 0.01/{len(pairs)})")
 
     sample = [prompt for _, _, prompt in itertools.islice(iter_prompts(axes, names, args), 2000)]
-    try:
-        try:
-            encoding = tiktoken.encoding_for_model(args.model)
-        except KeyError:  # not an OpenAI model: its tokenizer is unknown, OpenAI's newest is a fair guess
-            encoding = tiktoken.get_encoding("o200k_base")
-        per_prompt, how = np.mean([len(t) for t in encoding.encode_batch(sample)]), f"tiktoken {encoding.name}"
-    except Exception as e:  # tiktoken downloads its vocabularies on first use: offline, count characters
-        per_prompt = np.mean([len(s) for s in sample]) / 4
-        how = f"4 characters a token, as tiktoken could not load its vocabulary: {type(e).__name__}"
-    per_prompt += 7  # the chat format's tokens around a message
+    per_prompt, how = message_tokens(sample, args.model)
     tokens_in, tokens_out = per_prompt * n_prompts, paragraphs * args.stories_per_prompt * TOKENS_PER_PARAGRAPH
     print(f"\ntokens: {tokens_in:,.0f} in ({per_prompt:.0f} a prompt, {how}),"
           f" {tokens_out:,.0f} out ({TOKENS_PER_PARAGRAPH} a paragraph, a rough guess)")
