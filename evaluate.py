@@ -1,6 +1,7 @@
 """Evaluate models and datasets as the SimpleStories paper does: loss by story and label, an LLM judge, data diversity.
 
     python evaluate.py --out_dir=out/5m                        # loss and bits per byte by story, length and label
+    python evaluate.py --out_dir=out/5m --step=512              # the snapshot of step 512, to out/5m/eval/step_0000512
     python evaluate.py --out_dir=out/5m --judge --dry_run      # the judge prompt and the cost; nothing is sent
     python evaluate.py --out_dir=out/5m --judge                # the model's completions graded by an LLM judge
     python evaluate.py --hf_dir=hf/SimpleStories-35M --dataset=simplestories-wp   # a Hugging Face folder
@@ -110,9 +111,11 @@ def save_figure(fig, path):
 
 def model_files(args):
     """The files that hold the evaluated weights: <out_dir>/ckpt.pt, or the --hf_dir folder's safetensors."""
+    from sample import snapshot_path
+
     if args.hf_dir:
         return sorted(os.path.join(args.hf_dir, f) for f in os.listdir(args.hf_dir) if f.endswith(".safetensors"))
-    return [os.path.join(args.out_dir, "ckpt.pt")]
+    return [snapshot_path(args.out_dir, args.step) if args.step is not None else os.path.join(args.out_dir, "ckpt.pt")]
 
 
 def load_run(args):
@@ -125,7 +128,7 @@ def load_run(args):
     from sample import load_model
 
     device = pick_device(args.device)
-    model, tok = load_model(args.out_dir, device, args.hf_dir)
+    model, tok = load_model(args.out_dir, device, args.hf_dir, args.step)
     dataset = args.dataset
     if not dataset and args.hf_dir:
         raise ValueError(f"--hf_dir={args.hf_dir} does not name a dataset; give --dataset=NAME, bins in data/NAME that "
@@ -399,6 +402,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("a model (the loss by story, and the judge)")
     g.add_argument("--out_dir", default="", help="training run folder holding ckpt.pt")
     g.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (export.py's, or a published one)")
+    g.add_argument("--step", type=int, default=None, help="the snapshot of this step of --out_dir (train.py --keep_checkpoints)")
     g.add_argument("--dataset", default="", help="evaluate on data/<dataset> (default: the dataset the model trained on)")
     g.add_argument("--split", default="val", choices=("val", "train"), help="the bins' split to evaluate on")
     g.add_argument("--eval_dir", default="", help="where the reports go (default: <out_dir>/eval, out/<name>/eval for --hf_dir, or out/data_report)")
@@ -444,6 +448,8 @@ def parse_args(argv=None):
             "three; `python evaluate.py --help` lists the flags")
     if args.data and (args.judge or args.dry_run):
         die("--judge grades a model's completions: give it --out_dir or --hf_dir, not --data")
+    if args.step is not None and (args.step < 0 or not args.out_dir):
+        die(f"--step={args.step} picks a snapshot of --out_dir's run: give --out_dir and a step of 0 or more")
     if args.dry_run and not args.judge:
         die("--dry_run goes with --judge: it prints the judge prompt and the cost")
     for name in ("batch_size", "n_prompts", "max_new_tokens", "concurrency", "max_unusable", "sample_size"):
@@ -469,6 +475,8 @@ def parse_args(argv=None):
             args.eval_dir = os.path.join("out", os.path.basename(os.path.normpath(args.hf_dir)), "eval")
         else:
             args.eval_dir = os.path.join(args.out_dir, "eval") if args.out_dir else os.path.join("out", "data_report")
+            if args.step is not None:  # beside the final model's reports, not over them
+                args.eval_dir = os.path.join(args.eval_dir, f"step_{args.step:07d}")
     problem = folder_problem(args.eval_dir)  # found now, not after the work
     if problem:
         die(f"--eval_dir={args.eval_dir} cannot be written: {problem}")

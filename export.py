@@ -2,6 +2,7 @@
 
     python export.py --out_dir=out/5m --hf_dir=hf/5m                  # ours -> LlamaForCausalLM + fast tokenizer
     python export.py --out_dir=out/5m --hf_dir=hf/5m --push_to_hub=you/simplestories-5m
+    python export.py --out_dir=out/5m --hf_dir=hf/5m-step512 --step=512   # a snapshot (train.py --keep_checkpoints)
     python export.py --from_hf=hf/5m --out_dir=out/imported           # back: a checkpoint sample.py and train.py take
 
 The folder loads with transformers (AutoModelForCausalLM, AutoTokenizer), TransformerLens
@@ -102,13 +103,14 @@ def fast_tokenizer(tok):
     return fast
 
 
-def export(out_dir, hf_dir, push_to_hub=""):
-    """Write the checkpoint in out_dir as a Hugging Face folder hf_dir (and upload it to push_to_hub)."""
+def export(out_dir, hf_dir, push_to_hub="", step=None):
+    """Write the checkpoint in out_dir (or its snapshot of step) as a Hugging Face folder hf_dir (and upload it to
+    push_to_hub)."""
     import transformers
 
     from sample import load_model
 
-    model, tok = load_model(out_dir, "cpu")
+    model, tok = load_model(out_dir, "cpu", step=step)
     if tok.sp is None:
         raise ValueError(f"{out_dir} was imported with a tokenizer.json; export the folder it came from instead")
     c = model.config
@@ -236,6 +238,7 @@ def main():
     parser.add_argument("--hf_dir", default="", help="the Hugging Face folder to write")
     parser.add_argument("--from_hf", default="", help="a Hugging Face folder to import into --out_dir")
     parser.add_argument("--push_to_hub", default="", help="also upload --hf_dir to this hub repo (user/name)")
+    parser.add_argument("--step", type=int, default=None, help="export the snapshot of this step (train.py --keep_checkpoints)")
     args = parser.parse_args()
     if not args.out_dir or bool(args.hf_dir) == bool(args.from_hf):
         die("give --out_dir and either --hf_dir (export) or --from_hf (import); --help shows both")
@@ -245,7 +248,9 @@ def main():
         import_hf(args.from_hf, args.out_dir)
         print(f"wrote {os.path.join(args.out_dir, 'ckpt.pt')} from {args.from_hf}")
     else:
-        export(args.out_dir, args.hf_dir, args.push_to_hub)
+        if args.step is not None and args.step < 0:
+            die(f"--step={args.step} must be 0 or more")
+        export(args.out_dir, args.hf_dir, args.push_to_hub, args.step)
         print(f"wrote {args.hf_dir}: " + ", ".join(sorted(os.listdir(args.hf_dir))))
 
 

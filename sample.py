@@ -4,6 +4,7 @@
     python sample.py --out_dir=out/5m --num_samples=5 --temperature=0.8 --top_k=50 --prompt="Once there was a fox"
     python sample.py --out_dir=out/5m --prompt_file=prompts.txt   # one prompt per line
     python sample.py --hf_dir=hf/SimpleStories-35M --prompt="The cat"   # a Hugging Face folder (export.py)
+    python sample.py --out_dir=out/5m --step=512   # the snapshot of step 512 (train.py --keep_checkpoints)
 
 Each story starts at BOS (followed by the prompt, if any) and ends at EOS, the end of the context,
 or after --max_new_tokens; generation uses the model's KV cache. The tokenizer is the one the model
@@ -12,9 +13,12 @@ was trained with, kept in its checkpoint, so this runs from any folder.
 
 import argparse
 import hashlib
+import json
 import math
 import os
+import re
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import torch
 
@@ -23,9 +27,48 @@ from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
 
-def load_model(out_dir, device, hf_dir=""):
-    """The model in out_dir/ckpt.pt and the tokenizer it was trained with, saved beside it; or, with hf_dir,
-    those of a Hugging Face folder of our family (export.py reads it)."""
+SNAPSHOTS = "checkpoints"  # the folder of out_dir where train.py --keep_checkpoints puts its snapshots
+
+
+def snapshot_path(out_dir, step):
+    """Where train.py keeps the model of step `step` (--keep_checkpoints): out_dir/checkpoints/step_0000512.safetensors."""
+    return os.path.join(out_dir, SNAPSHOTS, f"step_{step:07d}.safetensors")
+
+
+def snapshot_steps(out_dir):
+    """The steps of the snapshots in out_dir, in order."""
+    folder = os.path.join(out_dir, SNAPSHOTS)
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted(int(n[5:-12]) for n in names if re.fullmatch(r"step_\d{7,}\.safetensors", n))
+
+
+def load_snapshot(model, out_dir, step, tokenizer_sha256):
+    """Load the weights of out_dir's snapshot of step `step` into model (of the run's shape, from ckpt.pt)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    path = snapshot_path(out_dir, step)
+    if not os.path.isfile(path):
+        steps = snapshot_steps(out_dir)
+        kept = (f"it kept steps {', '.join(map(str, steps[:12]))}{' ...' if len(steps) > 12 else ''}" if steps else
+                "it kept none: train with --keep_checkpoints=log (or linear:N)")
+        raise ValueError(f"{out_dir} has no snapshot of step {step}: {kept}")
+    try:
+        with safe_open(path, "pt") as f:
+            info = f.metadata() or {}
+        state = load_file(path)
+        if json.loads(info["model_config"]) != asdict(model.config) or info["tokenizer_sha256"] != tokenizer_sha256:
+            raise ValueError(f"{path} is from another run than {out_dir}/ckpt.pt (another shape or tokenizer); "
+                             f"keep snapshots with the run that made them")
+        model.load_state_dict({**state, "lm_head.weight": state["embed.weight"]})  # the output embedding is tied
+    except (SafetensorError, OSError, KeyError, RuntimeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read snapshot {path} ({type(e).__name__}): it is corrupt or not from train.py") from None
+
+
+def load_model(out_dir, device, hf_dir="", step=None):
+    """The model in out_dir/ckpt.pt and the tokenizer it was trained with, saved beside it; with step, the weights
+    of that step's snapshot (train.py --keep_checkpoints) instead; or, with hf_dir, the model and tokenizer of a
+    Hugging Face folder of our family (export.py reads it)."""
     if hf_dir:
         from export import load_hf
 
@@ -47,6 +90,8 @@ def load_model(out_dir, device, hf_dir=""):
     if tokenizer.vocab_size != model.config.d_vocab:
         raise ValueError(f"{path}: its tokenizer has {tokenizer.vocab_size} pieces but the model {model.config.d_vocab}; "
                          f"the checkpoint is corrupt")
+    if step is not None:
+        load_snapshot(model, out_dir, step, sha256)
     return model.to(device).eval(), tokenizer
 
 
@@ -54,6 +99,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out_dir", default="out/quickstart", help="training run folder holding ckpt.pt")
     parser.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (ours exported, or published)")
+    parser.add_argument("--step", type=int, default=None, help="the snapshot of this step (train.py --keep_checkpoints)")
     parser.add_argument("--num_samples", type=int, default=3, help="stories per prompt")
     parser.add_argument("--max_new_tokens", type=int, default=400)
     parser.add_argument("--temperature", type=float, default=0.8, help="0 (or under 1e-5): greedy")
@@ -71,6 +117,8 @@ def main():
                          "and --top_p must be in (0, 1]")
     if args.seed < 0:
         raise ValueError("--seed must not be negative")
+    if args.step is not None and (args.step < 0 or args.hf_dir):
+        raise ValueError("--step picks a snapshot of --out_dir's run: a step of 0 or more, and no --hf_dir")
 
     prompts = [args.prompt]
     if args.prompt_file:
@@ -84,7 +132,7 @@ def main():
         if not prompts:
             raise ValueError(f"prompt file {args.prompt_file} has no prompts: write one per line")
     device = pick_device(args.device)
-    model, tok = load_model(args.out_dir, device, args.hf_dir)
+    model, tok = load_model(args.out_dir, device, args.hf_dir, args.step)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()

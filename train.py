@@ -14,12 +14,20 @@ resumed run sees exactly the batches it would have seen, and on CPU ends with th
 Writes out_dir/ckpt.pt (atomically, at each evaluation and at the end) and out_dir/log.jsonl. The
 checkpoint keeps the tokenizer it was trained with and the meta.json of its bins: a resume refuses
 bins or a tokenizer made since, and settings (config file or flag) that would change its batches.
+
+--keep_checkpoints=log keeps the model's weights over training, for studies of training dynamics: at steps
+0, 1, 2, 4, 8, ... (powers of two), at every evaluation and at the last step; linear:N at every N steps and
+the last. Each is out_dir/checkpoints/step_0000512.safetensors (float32 weights, the output embedding tied to
+the input one and stored once; metadata: step, model_config, tokenizer_sha256, and val_loss at an evaluation).
+`sample.py`, `evaluate.py` and `export.py` take --step=512 to use one. A resume drops the snapshots after its
+checkpoint (a killed run's), and a scratch run drops those of the run it replaces.
 """
 
 import inspect
 import json
 import math
 import os
+import re
 import sys
 import time
 from contextlib import nullcontext
@@ -34,6 +42,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 from configurator import atomic_write, die
 from model import GPT, GPTConfig
+from sample import snapshot_path, snapshot_steps
 from tokenizer import Tokenizer
 
 # ----------------------------------------------------------------------------------------------
@@ -42,6 +51,7 @@ dataset = "sample"  # reads data/<dataset>/{train,val}.bin and meta.json from pr
 out_dir = "out/run"  # ckpt.pt and log.jsonl go here
 init_from = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt with the settings saved there
 overwrite = False  # let a scratch run replace the checkpoint already in out_dir
+keep_checkpoints = ""  # model snapshots in out_dir/checkpoints: 'log' (steps 0, 1, 2, 4, 8, ... and each evaluation), 'linear:N'
 # model (GPTConfig)
 n_layers = 6  # transformer blocks
 d_model = 256  # width of the residual stream
@@ -91,6 +101,8 @@ CHECKS = [  # the range of each setting, checked once the command line and a res
     (("seed",), lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1"),
     (("init_from",), lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
     (("dtype",), lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+    (("keep_checkpoints",), lambda v: v in ("", "log") or re.fullmatch(r"linear:[1-9][0-9]*", v),
+     "'' (none), 'log' or 'linear:N' with N at least 1"),
 ]
 # bf16 dense tensor-core FLOP/s from the vendors' datasheets, matched against the device name in order
 PEAK_FLOPS = [
@@ -297,6 +309,32 @@ def save_checkpoint():
         torch.save(state, f)
 
 
+def kept_steps(rule):
+    """The steps whose model --keep_checkpoints keeps, up to max_iters."""
+    if rule == "log":
+        steps = {0} | {2 ** k for k in range(max_iters.bit_length())} | set(range(0, max_iters + 1, eval_interval))
+    elif rule:
+        steps = set(range(0, max_iters + 1, int(rule.split(":")[1])))
+    else:
+        return set()
+    return {s for s in steps if s <= max_iters} | {max_iters}
+
+
+def save_snapshot(step, val_loss):
+    """Write the model's weights at step to out_dir/checkpoints (float32, the tied output embedding once)."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in raw_model.state_dict().items()
+             if k != "lm_head.weight"}
+    info = {"step": str(step), "model_config": json.dumps(asdict(model_config)), "tokenizer_sha256": tokenizer.sha256()}
+    if val_loss is not None:
+        info["val_loss"] = repr(val_loss)
+    path = snapshot_path(out_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with atomic_write(path) as f:
+        f.write(save(state, metadata=info))
+
+
 def get_lr(step):
     decay_iters = lr_decay_iters or max_iters
     if step < warmup_iters:
@@ -348,6 +386,7 @@ def device_peak_flops():
 
 # ----------------------------------------------------------------------------------------------
 # training loop
+keep = kept_steps(keep_checkpoints)
 log_file = None
 if master:
     log_path = os.path.join(out_dir, "log.jsonl")
@@ -369,6 +408,15 @@ if master:
     print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile} | "
           f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}")
     print(f"val loss to beat: {meta['unigram_entropy']:.4f}, the unigram entropy of train.bin (nats per token)")
+    # snapshots a killed run wrote after its checkpoint, or all of those of the run a scratch run replaces
+    for step in snapshot_steps(out_dir):
+        if init_from == "scratch" or step > iter_num:
+            os.remove(snapshot_path(out_dir, step))
+    if keep:
+        to_write = len([s for s in keep if s >= iter_num])
+        size = sum(p.numel() for p in raw_model.parameters()) * 4 + 1024  # float32, and the header
+        print(f"keep_checkpoints={keep_checkpoints}: {to_write} snapshots of {size / 1e6:.1f} MB = {to_write * size / 1e6:,.1f} MB "
+              f"in {os.path.join(out_dir, 'checkpoints')}")
     if wandb_log:
         wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(out_dir.rstrip("/")), config=config)
 
@@ -387,6 +435,7 @@ flops_per_step = raw_model.flops_per_token() * tokens_per_step
 start_iter = iter_num
 t_last, timed_steps, ms_per_step = time.time(), 0, 0.0
 while True:
+    val_loss = None
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         if iter_num > start_iter or init_from == "scratch":  # a resumed run has this evaluation already
             val_loss, val_bpb = evaluate()
@@ -401,6 +450,10 @@ while True:
                 if sample_tokens:
                     print(f"sample: {sample_story()!r}", flush=True)
             t_last, timed_steps = time.time(), 0  # evaluation time is not training time
+    if master and iter_num in keep and (iter_num > start_iter or not os.path.exists(snapshot_path(out_dir, iter_num))):
+        t0 = time.time()
+        save_snapshot(iter_num, val_loss)
+        t_last += time.time() - t0  # writing is not training time
     if iter_num >= max_iters:
         break
 

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -148,6 +149,8 @@ def test_sample_prints_stories(workdir):
     (["--init_from=resume", "--out_dir=out/never"], "does not exist"),
     (["--tokens_per_step=1000"], "not a multiple of n_ctx"),
     (["--max_iters"], "has no value"),
+    (["--keep_checkpoints=linear:0"], "must be '' (none), 'log' or 'linear:N'"),
+    (["--keep_checkpoints=every"], "must be '' (none), 'log' or 'linear:N'"),
 ])
 def test_bad_settings(tmp_workdir, args, message):
     result = run("train.py", *TINY, *args, cwd=tmp_workdir)
@@ -320,3 +323,80 @@ def test_sample_greedy_at_a_tiny_temperature_and_a_prompt_file_without_prompts(w
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n")
     assert "has no prompts" in one_error_line(run("sample.py", f"--out_dir={out}", f"--prompt_file={blank}", cwd=workdir))
+
+
+def snapshots(cwd, out_dir):
+    """{step: state dict} of the snapshots train.py kept in out_dir."""
+    from safetensors.torch import load_file
+
+    folder = os.path.join(cwd, out_dir, "checkpoints")
+    return {int(name[5:12]): load_file(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+
+
+def test_checkpoints_over_training(workdir, tmp_path):
+    from safetensors import safe_open
+
+    import export
+    from model import GPT, GPTConfig
+    from sample import load_model, snapshot_path
+
+    result = train(workdir, "--max_iters=10", "--eval_interval=5", "--keep_checkpoints=log", "--out_dir=out/keep")
+    assert "keep_checkpoints=log: 7 snapshots of 1.4 MB" in result.stdout
+    kept = snapshots(workdir, "out/keep")
+    assert list(kept) == [0, 1, 2, 4, 5, 8, 10]  # powers of two, every evaluation, the last step
+    final = weights(workdir, "out/keep")
+    assert set(kept[10]) == set(final) - {"lm_head.weight"} and all(torch.equal(kept[10][k], final[k]) for k in kept[10])
+    torch.manual_seed(1337)  # the run's seed: step 0 is the model as initialised
+    config = GPTConfig(**torch.load(workdir / "out" / "keep" / "ckpt.pt", weights_only=True)["model_config"])
+    init = GPT(config).state_dict()
+    assert all(torch.equal(kept[0][k], init[k]) for k in kept[0])
+    assert not all(torch.equal(kept[1][k], kept[2][k]) for k in kept[1])
+    val = {r["step"]: r["val_loss"] for r in log(workdir, "out/keep") if "val_loss" in r}
+    for step in (0, 5, 10):
+        with safe_open(snapshot_path(str(workdir / "out" / "keep"), step), "pt") as f:
+            info = f.metadata()
+        assert int(info["step"]) == step and float(info["val_loss"]) == val[step]
+
+    # stopped at step 4, a snapshot of a killed run's step 8 left behind: the resume replaces it, and every
+    # snapshot equals the uninterrupted run's
+    train(workdir, "--max_iters=4", "--lr_decay_iters=10", "--eval_interval=5", "--keep_checkpoints=log",
+          "--out_dir=out/keep_resumed")
+    open(workdir / "out" / "keep_resumed" / "checkpoints" / "step_0000008.safetensors", "wb").write(b"torn")
+    result = run("train.py", "--init_from=resume", "--out_dir=out/keep_resumed", "--max_iters=10", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    resumed = snapshots(workdir, "out/keep_resumed")
+    assert list(resumed) == list(kept)
+    assert all(torch.equal(resumed[s][k], kept[s][k]) for s in kept for k in kept[s])
+
+    # linear:N, and a scratch run over the run in out_dir drops that run's snapshots
+    result = train(workdir, "--max_iters=7", "--eval_interval=5", "--keep_checkpoints=linear:3",
+                   "--out_dir=out/keep_resumed", "--overwrite=True")
+    assert list(snapshots(workdir, "out/keep_resumed")) == [0, 3, 6, 7]
+
+    # sample.py, evaluate.py and export.py take --step
+    model, _ = load_model(str(workdir / "out" / "keep"), "cpu", step=4)
+    assert all(torch.equal(model.state_dict()[k], kept[4][k]) for k in kept[4])
+    assert torch.equal(model.lm_head.weight, kept[4]["embed.weight"])
+    result = run("sample.py", "--out_dir=out/keep", "--step=4", "--max_new_tokens=10", cwd=workdir)
+    assert result.returncode == 0 and "-" * 40 in result.stdout, result.stderr
+    assert "no snapshot of step 3: it kept steps 0, 1, 2, 4, 5, 8, 10" in one_error_line(
+        run("sample.py", "--out_dir=out/keep", "--step=3", cwd=workdir))
+    os.makedirs(tmp_path / "plain")
+    shutil.copy(workdir / "out" / "keep" / "ckpt.pt", tmp_path / "plain")  # a run without snapshots
+    assert "it kept none: train with --keep_checkpoints" in one_error_line(
+        run("sample.py", f"--out_dir={tmp_path / 'plain'}", "--step=1", cwd=workdir))
+    result = run("evaluate.py", "--out_dir=out/keep", "--step=5", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    report = json.load(open(workdir / "out" / "keep" / "eval" / "step_0000005" / "loss.json"))
+    assert report["checkpoint"].endswith("step_0000005.safetensors")
+    result = run("activations.py", "--out_dir=out/keep", "--step=5", "--sites=resid_post.1", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    manifest = json.load(open(workdir / "out" / "keep" / "activations" / "step_0000005" / "val" / "activations.json"))
+    assert list(manifest["checkpoint"]) == [snapshot_path("out/keep", 5)]
+    result = run("export.py", "--out_dir=out/keep", "--step=8", f"--hf_dir={tmp_path / 'hf8'}", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    hf_model, tok = export.load_hf(str(tmp_path / "hf8"), "cpu")
+    eight, _ = load_model(str(workdir / "out" / "keep"), "cpu", step=8)
+    ids = torch.tensor([tok.encode("Once there was a fox.", bos=True)])
+    with torch.no_grad():
+        assert torch.equal(hf_model(ids)[0], eight(ids)[0])
