@@ -46,7 +46,6 @@ Reading, one shard at a time (safetensors reads only the tensors asked for):
         acts = acts[position > 0]   # e.g. leave out BOS, whose residual stream is unlike the others'
 """
 
-import argparse
 import hashlib
 import json
 import os
@@ -54,7 +53,7 @@ import time
 
 import numpy as np
 
-from configurator import atomic_write, die, folder_problem
+from configurator import Parser, atomic_write, boolean, die, folder_problem
 
 SITES = {  # kind: (its TransformerLens hook, the module of block L it is read from, its input (True) or its output)
     "resid_pre": ("blocks.{L}.hook_resid_pre", lambda block: block, True),
@@ -223,23 +222,8 @@ def iter_activations(act_dir, site):
             yield tuple(f.get_tensor(name) for name in (site, "tokens", "story", "position"))
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as every script here ends with a problem
-        die(f"{message}; `python activations.py --help` lists the flags")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows this module's docstring as written, and each flag's default."""
-
-
-def boolean(s):
-    if s.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-    return s.lower() in ("true", "1")
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = Parser(__doc__, "activations.py")
     p.add_argument("--out_dir", default="", help="training run folder holding ckpt.pt")
     p.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (export.py's, or a published one)")
     p.add_argument("--step", type=int, default=None, help="the snapshot of this step of --out_dir (train.py --keep_checkpoints)")

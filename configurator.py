@@ -15,6 +15,7 @@ given; code that other code calls raises ValueError instead, which a script's ma
 A file is written whole or not at all (atomic_write), so a crash never leaves a half-written one.
 """
 
+import argparse
 import ast
 import math
 import os
@@ -26,6 +27,27 @@ from contextlib import contextmanager
 def die(message):
     """End the script with one line naming the problem (and what to do), exit status 1."""
     sys.exit(f"error: {message}")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for the scripts that take flags only (evaluate.py, activations.py): a bad flag ends in one line, as
+    every error here does; --help shows the script's docstring as written and each flag's default."""
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    def __init__(self, doc, script):
+        super().__init__(prog=script, description=doc, formatter_class=self.Formatter, allow_abbrev=False)
+
+    def error(self, message):
+        die(f"{message}; `python {self.prog} --help` lists the flags")
+
+
+def boolean(s):
+    """A flag's True or False (also 1 or 0), for argparse's type=."""
+    if s.lower() not in ("true", "false", "1", "0"):
+        raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
+    return s.lower() in ("true", "1")
 
 
 @contextmanager

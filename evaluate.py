@@ -27,7 +27,6 @@ Judge (judge.json, judge.md, judge.jsonl): see judge.py. Data report (data.json,
 lengths.png, labels.png): see data_report.py, which states each method.
 """
 
-import argparse
 import json
 import math
 import os
@@ -35,7 +34,7 @@ import sys
 
 import numpy as np
 
-from configurator import atomic_write, die, folder_problem
+from configurator import Parser, atomic_write, boolean, die, folder_problem
 
 LENGTH_BUCKETS = (0, 128, 256, 512, 1024)  # predicted tokens: 0-127, 128-255, 256-511, 512-1023, 1024+
 
@@ -382,23 +381,8 @@ def loss_plots(eval_dir, by_label, by_position, n_ctx, stride, title):
 # the command line
 
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, as every script here ends with a problem
-        die(f"{message}; `python evaluate.py --help` lists the flags")
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows this module's docstring as written, and each flag's default."""
-
-
-def boolean(s):
-    if s.lower() not in ("true", "false", "1", "0"):
-        raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-    return s.lower() in ("true", "1")
-
-
 def parse_args(argv=None):
-    p = Parser(description=__doc__, formatter_class=HelpFormatter, allow_abbrev=False)
+    p = Parser(__doc__, "evaluate.py")
     g = p.add_argument_group("a model (the loss by story, and the judge)")
     g.add_argument("--out_dir", default="", help="training run folder holding ckpt.pt")
     g.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (export.py's, or a published one)")
