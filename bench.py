@@ -4,6 +4,7 @@ Benchmarks: one function per benchmark, named on the command line. Numbers go in
 Usage:
   python bench.py generate     # generate_stories.py against a local server: requests/s against the ideal, memory
   python bench.py train_step   # a CPU training step of the 1.25M and 5M models against transformers' Llama
+  python bench.py data_wait    # the share of a training step spent waiting for batches from the bins
   python bench.py kv_cache     # sampling 256 tokens with the KV cache against recomputing the sequence
 """
 
@@ -79,15 +80,18 @@ def suite_config(name):
     return GPTConfig(**{k: settings[k] for k in ("n_layers", "d_model", "n_heads") if k in settings})
 
 
-def train_step(compile=False):
-    """One AdamW training step (forward, backward, update) in float32 on CPU, batch 8 x 512, of our GPT and
-    of transformers' LlamaForCausalLM (SDPA attention) of the same shape, timed in turns in one process
-    so that drift hits both; the best of three rounds of medians. compile=True compiles both first."""
+def train_step(compile=None):
+    """One AdamW training step (forward, backward, update) in float32 on CPU, batch 8 x 512, of our GPT and of
+    transformers' LlamaForCausalLM (SDPA attention) of the same shape, timed in turns in one process so that drift
+    hits both; the best of three rounds of medians. Three ways: ours as train.py runs it (compiled) against
+    transformers as its users run it (eager), and both eager, and both compiled; compile=True or False: only
+    both compiled or both eager."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model import GPT
 
+    pairs = {None: [(True, False), (False, False), (True, True)], True: [(True, True)], False: [(False, False)]}[compile]
     for name in ("1.25m", "5m"):
         c = suite_config(name)
         torch.manual_seed(0)
@@ -98,9 +102,9 @@ def train_step(compile=False):
             rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True, attn_implementation="sdpa"))
         x, y = torch.randint(0, c.d_vocab, (8, 512)), torch.randint(0, c.d_vocab, (8, 512))
 
-        def step_of(model, loss_of):
+        def step_of(model, loss_of, compiled):
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-            forward = torch.compile(model) if compile else model
+            forward = torch.compile(model) if compiled else model
 
             def step():
                 loss_of(forward).backward()
@@ -108,14 +112,42 @@ def train_step(compile=False):
                 optimizer.zero_grad(set_to_none=True)
             return step
 
-        steps = {"ours": step_of(ours, lambda m: m(x, y)[1]), "llama": step_of(llama, lambda m: m(input_ids=x, labels=y).loss)}
+        steps = {}
+        for ours_compiled, llama_compiled in pairs:
+            steps.setdefault(("ours", ours_compiled), step_of(ours, lambda m: m(x, y)[1], ours_compiled))
+            steps.setdefault(("llama", llama_compiled), step_of(llama, lambda m: m(input_ids=x, labels=y).loss, llama_compiled))
         times = {k: [] for k in steps}
         for _ in range(3):
             for k, step in steps.items():
                 times[k].append(median_seconds(step, 3))
         best = {k: min(v) for k, v in times.items()}
-        print(f"train_step {name}{' compiled' if compile else ''}: ours {best['ours'] * 1000:.0f} ms, "
-              f"transformers Llama {best['llama'] * 1000:.0f} ms, ours is {best['llama'] / best['ours']:.2f}x as fast")
+        for ours_compiled, llama_compiled in pairs:
+            a, b = best["ours", ours_compiled], best["llama", llama_compiled]
+            print(f"train_step {name}: ours {'compiled' if ours_compiled else 'eager'} {a * 1000:.0f} ms, transformers Llama "
+                  f"{'compiled' if llama_compiled else 'eager'} {b * 1000:.0f} ms, ours is {b / a:.2f}x as fast")
+
+
+def data_wait(max_iters=60):
+    """train.py on the sample bins (the 5M shape at context 512, a step of 8,192 tokens, eager, on CPU): the share
+    of the step time the loop waits for the next batch, as log.jsonl records it. A step on synthetic tokens
+    already on the device would wait for nothing: this share is what real bins cost over them."""
+    import json
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        result = subprocess.run([sys.executable, "train.py", "configs/5m.py", "--dataset=sample", f"--out_dir={out_dir}",
+                                 f"--max_iters={max_iters}", "--tokens_per_step=8192", "--batch_size=8", f"--eval_interval={max_iters}",
+                                 "--eval_seqs=8", "--log_interval=5", "--sample_tokens=0", "--compile=False", "--device=cpu"],
+                                capture_output=True, text=True)
+        if result.returncode:
+            sys.exit(result.stderr)
+        records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    steps = [r for r in records if "data_wait" in r][1:]  # the first interval warms up
+    share = np.array([r["data_wait"] for r in steps])
+    ms = np.array([r["ms_per_step"] for r in steps])
+    print(f"data_wait: {len(steps) * 5} steps of 8,192 tokens, {np.median(ms):.0f} ms a step (median); waiting for batches "
+          f"{100 * np.median(share):.2f}% of it (median), {100 * share.max():.2f}% at most")
 
 
 def kv_cache(n_tokens=256):
@@ -135,7 +167,7 @@ def kv_cache(n_tokens=256):
 
 
 if __name__ == "__main__":
-    benchmarks = {"generate": generate, "train_step": train_step, "kv_cache": kv_cache}
+    benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache}
     if len(sys.argv) != 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}}")
     benchmarks[sys.argv[1]]()

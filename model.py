@@ -7,7 +7,8 @@ Field names follow TransformerLens (n_layers, d_model, n_heads, ...), module nam
 
     from model import GPT, GPTConfig
     model = GPT(GPTConfig(n_layers=6, d_model=256, n_heads=4))
-    logits, loss = model(idx, targets)
+    logits, _ = model(idx)                # (B, T, d_vocab)
+    _, loss = model(idx, targets)         # training: the loss without materialising the logits
     out = model.generate(idx, max_new_tokens=256, temperature=0.8, top_k=50, eos_id=2)
 """
 
@@ -143,6 +144,43 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits = h @ weight.T against targets (-1: not scored; none scored: 0), with its
+    gradients, computed a chunk of rows at a time: the (N, d_vocab) float32 logits, their log-softmax and its backward never exist whole.
+    The gradients are made in the forward pass, where the softmax is at hand (as Liger's fused linear
+    cross-entropy does): the same three matmuls as lm_head's forward and backward, one softmax instead of a
+    log-softmax and its backward, and 16 MB of logits at a time instead of 64 MB for 4,096 tokens."""
+
+    @staticmethod
+    def forward(ctx, h, weight, targets):
+        # rows per chunk, with d_vocab 4096: on a CPU 1,024 (16 MB of float32 logits, mostly still in cache when
+        # the softmax and the gradient matmuls read them again), on a GPU 8,192 (matmuls large enough to fill it)
+        chunk = (2**22 if h.device.type == "cpu" else 2**25) // weight.size(0)
+        grad_h, grad_weight = torch.empty_like(h), torch.zeros_like(weight, dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        for i in range(0, h.size(0), chunk):
+            hc, tc = h[i:i + chunk], targets[i:i + chunk]
+            logits = (hc @ weight.t()).float()  # under autocast the matmul runs in bf16, the softmax in float32
+            scored = (tc != -1)[:, None]
+            tc = tc.clamp(min=0)[:, None]
+            lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+            total += ((lse - logits.gather(1, tc)) * scored).sum()
+            # d(loss)/d(logits) = softmax - one_hot(target), zero on rows not scored; the mean's 1/n comes in backward
+            grad = (logits - lse).exp_().scatter_add_(1, tc, -scored.float()).mul_(scored)
+            grad_h[i:i + chunk] = grad.to(weight.dtype) @ weight
+            grad_weight += grad.t().to(hc.dtype) @ hc
+        n = (targets != -1).sum().clamp(min=1)
+        ctx.save_for_backward(grad_h, grad_weight, n)
+        ctx.weight_dtype = weight.dtype
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_weight, n = ctx.saved_tensors
+        scale = grad_loss / n
+        return grad_h * scale.to(grad_h.dtype), (grad_weight * scale).to(ctx.weight_dtype), None
+
+
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
@@ -183,7 +221,8 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # parameters() yields the tied matrix once
 
     def forward(self, idx, targets=None, cache=None):
-        """idx (B, T) token ids -> logits (B, T, d_vocab) and, with targets (B, T; -1 ignored), the mean cross-entropy."""
+        """idx (B, T) token ids -> logits (B, T, d_vocab) and, with targets (B, T; -1 ignored), the mean cross-entropy.
+        With targets and gradients on (training), the logits are None: LinearCrossEntropy never makes them whole."""
         B, T = idx.shape
         pos = cache.pos if cache is not None else 0
         if pos + T > self.config.n_ctx:
@@ -194,7 +233,10 @@ class GPT(nn.Module):
             x = block(x, cos, sin, cache)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm(x))
+        x = self.norm(x)
+        if targets is not None and torch.is_grad_enabled():  # training: the loss without the (B, T, d_vocab) logits
+            return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
+        logits = self.lm_head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

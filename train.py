@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import asdict
 
@@ -226,13 +227,17 @@ def memmap(split):
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
 
 
-def to_device(windows):
-    """(N, n_ctx + 1) token windows -> inputs and targets on the device."""
+def pinned(windows):
+    """(N, n_ctx + 1) uint16 token windows -> one int64 tensor, in pinned memory when it goes to a GPU."""
     t = torch.from_numpy(windows.astype(np.int64))
-    x, y = t[:, :-1], t[:, 1:]
-    if device_type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    return t.pin_memory() if device_type == "cuda" else t
+
+
+def to_device(windows):
+    """Token windows -> inputs and targets on the device: one copy of the windows (from pinned memory, it does not
+    wait for the host), of which both are views."""
+    windows = windows.to(device, non_blocking=True)
+    return windows[:, :-1], windows[:, 1:]
 
 
 def get_batch(step, micro_step):
@@ -240,7 +245,19 @@ def get_batch(step, micro_step):
     data = memmap("train")
     starts = np.random.default_rng([seed, step]).integers(0, len(data) - n_ctx - 1, size=tokens_per_step // n_ctx)
     first = (micro_step * world_size + rank) * batch_size
-    return to_device(np.stack([data[s:s + n_ctx + 1] for s in starts[first:first + batch_size]]))
+    return pinned(np.stack([data[s:s + n_ctx + 1] for s in starts[first:first + batch_size]]))
+
+
+def train_batches(first_step):
+    """The micro-batches from first_step on, in training order, on the device. Each is read from the bins (and
+    pinned) in a background thread while the model trains on the one before: the device does not wait for the disk."""
+    order = ((step, micro_step) for step in range(first_step, max_iters) for micro_step in range(grad_accum))
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(get_batch, *next(order))
+        for key in order:
+            windows, pending = pending.result(), reader.submit(get_batch, *key)
+            yield to_device(windows)
+        yield to_device(pending.result())
 
 
 def val_windows():
@@ -350,7 +367,7 @@ def evaluate():
     data, starts = memmap("val"), val_windows()
     sums = torch.zeros(4, device=device)  # nats, tokens, nats on text tokens, their bytes (float32: MPS has no float64)
     for i in range(0, len(starts), batch_size):
-        x, y = to_device(np.stack([data[s:s + n_ctx + 1] for s in starts[i:i + batch_size]]))
+        x, y = to_device(pinned(np.stack([data[s:s + n_ctx + 1] for s in starts[i:i + batch_size]])))
         with autocast:
             logits, _ = eval_model(x)
         nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
@@ -434,6 +451,8 @@ peak = device_peak_flops() * world_size
 flops_per_step = raw_model.flops_per_token() * tokens_per_step
 start_iter = iter_num
 t_last, timed_steps, ms_per_step = time.time(), 0, 0.0
+batches = train_batches(iter_num)
+data_wait = 0.0  # seconds the loop waited for batches since the last log line
 while True:
     val_loss = None
     if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -449,7 +468,7 @@ while True:
                 save_checkpoint()
                 if sample_tokens:
                     print(f"sample: {sample_story()!r}", flush=True)
-            t_last, timed_steps = time.time(), 0  # evaluation time is not training time
+            t_last, timed_steps, data_wait = time.time(), 0, 0.0  # evaluation time is not training time
     if master and iter_num in keep and (iter_num > start_iter or not os.path.exists(snapshot_path(out_dir, iter_num))):
         t0 = time.time()
         save_snapshot(iter_num, val_loss)
@@ -461,7 +480,9 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     for micro_step in range(grad_accum):
-        x, y = get_batch(iter_num, micro_step)
+        t_wait = time.time()
+        x, y = next(batches)
+        data_wait += time.time() - t_wait
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         with autocast:
@@ -485,16 +506,18 @@ while True:
             loss_steps = 0
         now = time.time()
         dt = (now - t_last) / timed_steps
-        t_last, timed_steps = now, 0
+        data_share = data_wait / (now - t_last)  # of the step time, spent waiting for the next batch
+        t_last, timed_steps, data_wait = now, 0, 0.0
         # ETA from a running average of step time; the first interval (compilation, warm-up) is replaced, not averaged
         ms_per_step = dt * 1000 if iter_num - start_iter <= log_interval else 0.9 * ms_per_step + 0.1 * dt * 1000
         tokens_per_s = tokens_per_step / dt
         mfu = flops_per_step / dt / peak if peak else None
         eta_s = (max_iters - iter_num) * ms_per_step / 1000
         log({"step": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms_per_step": dt * 1000,
-             "tokens_per_s": tokens_per_s, "mfu": mfu, "eta_s": eta_s},
+             "tokens_per_s": tokens_per_s, "mfu": mfu, "data_wait": data_share, "eta_s": eta_s},
             f"step {iter_num}: loss {loss_value:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {dt * 1000:.0f} ms/step | "
-            f"{tokens_per_s:,.0f} tokens/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | ETA {eta_s / 60:.1f} min")
+            f"{tokens_per_s:,.0f} tokens/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | data wait {100 * data_share:.1f}% | "
+            f"ETA {eta_s / 60:.1f} min")
 
 if master:
     log_file.close()

@@ -7,13 +7,18 @@ state, the MFU table) run in the tests:
 torch.cuda says a GPU is there, and the calls that would reach the driver are stubbed. The checks
 torch makes in Python before them stay real: torch.cuda.set_device("cuda") is refused as it is on
 a GPU, for want of an index. Tensors asked for on "cuda" are made on the CPU (a TorchFunctionMode
-rewrites the device of every torch call), pin_memory() returns its tensor, and autocast for "cuda"
-is autocast for the CPU, in the same bfloat16. NCCL cannot be faked: DDP is not covered here.
+rewrites the device of every torch call, in the main thread), pin_memory() returns its tensor in any
+thread and counts it (written at exit as {"main": N, "other": M} threads to the file named by the
+environment variable FAKE_CUDA_PINNED, if set), and autocast for "cuda" is autocast for the CPU, in the same bfloat16. NCCL cannot be faked: DDP is not
+covered here.
 """
 
+import atexit
+import json
 import os
 import runpy
 import sys
+import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -33,8 +38,6 @@ def on_cpu(device):
 class CudaOnCpu(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is torch.Tensor.pin_memory:
-            return args[0]
         if func is not torch.device:  # torch.device("cuda:0") itself stays what it is
             args = tuple(on_cpu(a) for a in args)
             kwargs = {k: on_cpu(v) for k, v in kwargs.items()}
@@ -59,6 +62,15 @@ def install():
             return cpu_generator(device=on_cpu(device))
 
     torch.Generator = Generator
+    pinned = {"main": 0, "other": 0}
+
+    def pin_memory(tensor, *args, **kwargs):
+        pinned["main" if threading.current_thread() is threading.main_thread() else "other"] += 1
+        return tensor
+
+    torch.Tensor.pin_memory = pin_memory
+    if os.environ.get("FAKE_CUDA_PINNED"):
+        atexit.register(lambda: json.dump(pinned, open(os.environ["FAKE_CUDA_PINNED"], "w")))
 
 
 if __name__ == "__main__":

@@ -161,6 +161,40 @@ def test_matches_transformers_llama():
         torch.testing.assert_close(model(idx)[0], llama(idx).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_training_loss_and_gradients_equal_plain_cross_entropy():
+    # with gradients on, forward(idx, targets) takes the fused, chunked lm_head + cross-entropy: the same loss and
+    # gradients as cross-entropy over the whole logits, rows of -1 not scored, over several chunks
+    model = small_model(seed=5, d_vocab=40000)  # 2**22 // 40000 = 104 rows a chunk on a CPU: the 256 below make 3
+    for p in model.parameters():
+        p.data += 0.05 * torch.randn_like(p)  # norm weights away from 1, so a wrong gradient shows
+    idx, targets = torch.randint(0, 40000, (4, 64)), torch.randint(0, 40000, (4, 64))
+    targets[1, 10:] = -1
+    targets[3] = -1
+    for autocast in (False, True):  # bf16 autocast on CPU stands for the GPU's
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, loss = model(idx, targets)
+            assert logits is None
+            loss.backward()
+            fused = {name: p.grad for name, p in model.named_parameters()}
+            model.zero_grad(set_to_none=True)
+            logits, _ = model(idx)
+            reference = torch.nn.functional.cross_entropy(logits.float().view(-1, 40000), targets.view(-1), ignore_index=-1)
+            reference.backward()
+        tol = {"rtol": 2e-2, "atol": 2e-3} if autocast else {"rtol": 1e-5, "atol": 1e-6}
+        torch.testing.assert_close(loss, reference, **tol)
+        if not autocast:
+            float32_loss = loss.item()
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(fused[name], p.grad, **tol, msg=name)
+        model.zero_grad(set_to_none=True)
+    with torch.no_grad():  # without gradients: the logits and the same loss
+        logits, loss = model(idx, targets)
+    assert logits.shape == (4, 64, 40000) and loss.item() == pytest.approx(float32_loss, rel=1e-5)
+    none_scored = model(idx, torch.full_like(targets, -1))[1]
+    none_scored.backward()
+    assert none_scored.item() == 0 and all(p.grad.abs().max() == 0 for p in model.parameters())
+
+
 def trained_optimizer_state(fused):
     """The state_dict of an optimizer after one step, as a checkpoint holds it."""
     model = small_model()

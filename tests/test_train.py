@@ -212,23 +212,25 @@ def test_sample_bad_arguments(workdir, args, message):
     assert message in one_error_line(run("sample.py", f"--out_dir={out}", *args, cwd=workdir))
 
 
-def fake_gpu(cwd, script, *args):
+def fake_gpu(cwd, script, *args, env=None):
     """Run a script as on a machine with one CUDA GPU (tests/fake_cuda.py: a CPU posing as an H100)."""
     return subprocess.run([sys.executable, os.path.join(REPO, "tests", "fake_cuda.py"), os.path.join(REPO, script), *args],
-                          cwd=cwd, capture_output=True, text=True, timeout=600)
+                          cwd=cwd, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
 
 
-def test_readme_gpu_command_starts_on_one_gpu(workdir):
+def test_readme_gpu_command_starts_on_one_gpu(workdir, tmp_path):
     # `python train.py configs/5m.py` with only what makes it small enough for a CPU
     result = fake_gpu(workdir, "train.py", os.path.join(REPO, "configs", "5m.py"), "--dataset=sample", "--out_dir=out/gpu", "--max_iters=2",
                       "--tokens_per_step=2048", "--eval_interval=2", "--eval_seqs=2", "--log_interval=1", "--warmup_iters=1",
-                      "--sample_tokens=8", "--compile=False")
+                      "--sample_tokens=8", "--compile=False", env={"FAKE_CUDA_PINNED": str(tmp_path / "pinned.json")})
     assert result.returncode == 0, result.stderr
     assert "5,374,208 parameters | 1 x cuda:0 bfloat16" in result.stdout and "Warning" not in result.stderr
     steps = [r for r in log(workdir, "out/gpu") if "loss" in r]
     assert len(steps) == 2 and all(0 < r["mfu"] < 1 for r in steps)  # the H100's peak came from the table
     ckpt = torch.load(workdir / "out" / "gpu" / "ckpt.pt", weights_only=True)
     assert all(group["fused"] for group in ckpt["optimizer"]["param_groups"]) and len(ckpt["rng"]["cuda"]) > 0
+    # one pinned copy per batch: the two training batches, by the background reader, and the val batch of each evaluation
+    assert json.load(open(tmp_path / "pinned.json")) == {"main": 2, "other": 2}
 
 
 def test_cpu_checkpoint_resumes_on_a_gpu_and_samples_there(workdir):
