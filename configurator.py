@@ -198,6 +198,19 @@ def pick_device(name, local_rank=None):
     return device.type
 
 
+def bf16_is_fast(device_type):
+    """Whether bfloat16 autocast speeds training up on this device: a GPU with native bf16 (Ampere and newer), or a
+    CPU with AMX tiles (Intel Sapphire Rapids and newer), whose bf16 matmuls run about twice as fast as float32."""
+    import torch
+
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":
+        amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+        return bool(amx and amx())
+    return False
+
+
 def folder_problem(path):
     """Why the folder path could not be made or written into, or None; checked before long work, without
     making anything (the folder is made when the first file goes in)."""

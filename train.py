@@ -85,7 +85,7 @@ wandb_project = "simplestories"  # Weights & Biases project
 wandb_run_name = ""  # Weights & Biases run name; "": out_dir's name
 # system
 device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"  # 'auto' (bfloat16 on a GPU that has it, else float32), 'float32', 'bfloat16'
+dtype = "auto"  # 'auto' (bfloat16 autocast on a GPU that has it or a CPU with AMX, else float32), 'float32', 'bfloat16'
 compile = True  # torch.compile the model
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in PEAK_FLOPS
 seed = 1337  # seeds the weights, the batches and the samples
@@ -167,7 +167,7 @@ if ddp:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
 master = rank == 0
 if dtype == "auto":
-    dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+    dtype = "bfloat16" if configurator.bf16_is_fast(device_type) else "float32"
 autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type, dtype=torch.bfloat16)
 torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for the float32 matmuls left outside autocast
 torch.backends.cudnn.allow_tf32 = True

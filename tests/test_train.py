@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+import configurator
+
 from conftest import REPO, SAMPLE, TINY, one_error_line, run
 
 
@@ -236,12 +238,24 @@ def test_readme_gpu_command_starts_on_one_gpu(workdir, tmp_path):
 def test_cpu_checkpoint_resumes_on_a_gpu_and_samples_there(workdir):
     cpu = [a for a in TINY if not a.startswith("--device")]  # device 'auto': the CPU here, the GPU there
     result = run("train.py", *cpu, "--max_iters=4", "--eval_interval=4", "--out_dir=out/moved", cwd=workdir)
-    assert result.returncode == 0 and "1 x cpu float32" in result.stdout, result.stderr
+    cpu_dtype = "bfloat16" if configurator.bf16_is_fast("cpu") else "float32"
+    assert result.returncode == 0 and f"1 x cpu {cpu_dtype}" in result.stdout, result.stderr
     result = fake_gpu(workdir, "train.py", "--init_from=resume", "--out_dir=out/moved", "--max_iters=8")
     assert result.returncode == 0, result.stderr
     assert "1 x cuda:0 bfloat16" in result.stdout and [r["step"] for r in log(workdir, "out/moved")][-1] == 8
     result = fake_gpu(workdir, "sample.py", "--out_dir=out/moved", "--device=cuda", "--num_samples=2", "--max_new_tokens=8")
     assert result.returncode == 0 and result.stdout.count("-" * 40) == 2, result.stderr
+
+
+def test_auto_dtype_is_bf16_where_it_is_fast(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert configurator.bf16_is_fast("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not configurator.bf16_is_fast("cpu") and not configurator.bf16_is_fast("mps")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the check: float32
+    assert not configurator.bf16_is_fast("cpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
+    assert configurator.bf16_is_fast("cuda")  # native bf16 only, not emulated
 
 
 def test_gpu_index_beyond_the_gpus_is_refused(workdir):
