@@ -134,7 +134,7 @@ def test_train_py_trains_without_norms(workdir):
     result = run("train.py", *TINY, "--norm=none", "--learning_rate=1e-3", "--max_iters=10", "--eval_interval=10",
                  "--out_dir=out/nonorm", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    losses = [float(line.split("val loss ")[1].split()[0]) for line in result.stdout.splitlines() if "val loss" in line]
+    losses = [float(line.split("val loss ")[1].split()[0]) for line in result.stdout.splitlines() if ": val loss" in line]
     assert losses[-1] < losses[0] - 0.5
     checkpoint = torch.load(workdir / "out" / "nonorm" / "ckpt.pt", weights_only=True)
     assert checkpoint["model_config"]["norm"] == "none" and "norm.scale" in checkpoint["model"]
