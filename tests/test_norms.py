@@ -124,7 +124,7 @@ def test_norm_free_model_exports_to_transformers_with_the_same_logits(workdir, t
     idx = batch()
     with torch.no_grad():
         ours = model(idx)[0]
-        assert (ours - llama(idx).logits).abs().max() < 1e-4  # float32 rounding of the folded weights: ~1e-6 measured
+        assert (ours - llama(idx).logits).abs().max() < 1e-4  # float32 rounding: 3.7e-9 measured, on logits of up to 0.04
         back, _ = export.load_hf(str(tmp_path / "hf"), "cpu")  # the import reads it back as norm='none'
         assert back.config.norm == "none"
         assert (ours - back(idx)[0]).abs().max() < 1e-4
