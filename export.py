@@ -19,6 +19,8 @@ The folder loads with transformers (AutoModelForCausalLM, AutoTokenizer), Transf
     tokenizer_config.json    special tokens; "<s>" in text is text, not BOS (split_special_tokens)
     tokenizer.model          our sentencepiece model itself: an import gets the very file its bins were made with
 
+A model without norms (norm='none', remove_norms.py) is exported as published norm-free models are: RMSNorms of
+epsilon 1e12, each fixed scale folded into its weight; an import reads such a folder back as norm='none'.
 An import takes any Llama-shaped folder of our family: SwiGLU, RMSNorm, RoPE without scaling, no biases,
 input and output embedding tied (or untied but equal, as in published checkpoints); anything else is
 refused in one line that names what differs. The published SimpleStories models carry a WordPiece
@@ -40,12 +42,28 @@ LLAMA_NAMES = (("embed.", "model.embed_tokens."), ("blocks.", "model.layers."), 
                (".attn.", ".self_attn."), (".mlp_norm.", ".post_attention_layernorm."))
 
 
+# A model without norms (norm='none') is a LlamaForCausalLM whose RMSNorms have this epsilon, as the published
+# norm-free GPT-2 models are: rmsnorm(x) = x * w / sqrt(mean(x^2) + 1e12), and in float32 1e12 + mean(x^2) is 1e12
+# for any token of RMS under ~180 (1e12's float32 spacing is 65536), so the norm is x * w * rsqrt(1e12), linear. An
+# import reads an epsilon of at least NORM_FREE_EPS as norm='none'.
+HUGE_EPS = 1e12
+NORM_FREE_EPS = 1e10
+
+
+def eps_factor(eps):
+    """rsqrt(eps) as Llama's RMSNorm computes it, in float32."""
+    return torch.rsqrt(torch.tensor(eps, dtype=torch.float32)).item()
+
+
 def llama_state_dict(state):
-    """Our state dict under Llama's names; the tied output embedding is Llama's embed_tokens too."""
+    """Our state dict under Llama's names; the tied output embedding is Llama's embed_tokens too. The scale of each
+    FixedNorm (norm='none') is folded into its weight, w / (scale * rsqrt(HUGE_EPS)), for RMSNorms of eps HUGE_EPS."""
     out = {}
     for key, value in state.items():
-        if key == "lm_head.weight":
+        if key == "lm_head.weight" or key.endswith("norm.scale"):
             continue
+        if key.endswith("norm.weight") and key[:-len("weight")] + "scale" in state:
+            value = value / (state[key[:-len("weight")] + "scale"] * eps_factor(HUGE_EPS))
         if key == "norm.weight":
             key = "model.norm.weight"
         for ours, theirs in LLAMA_NAMES:
@@ -117,7 +135,7 @@ def export(out_dir, hf_dir, push_to_hub="", step=None):
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
         num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.n_ctx, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True,
+        max_position_embeddings=c.n_ctx, rms_norm_eps=c.norm_eps if c.norm == "rms" else HUGE_EPS, rope_theta=c.rope_base, tie_word_embeddings=True,
         hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
     result = llama.load_state_dict(llama_state_dict(model.state_dict()), strict=False)
     if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
@@ -175,6 +193,8 @@ def read_llama(hf_dir):
             n_ctx=config["max_position_embeddings"], d_vocab=config["vocab_size"],
             rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)))
+        if model_config.norm_eps >= NORM_FREE_EPS:  # norms that do not normalize: a model without norms
+            model_config.norm = "none"
     except (KeyError, ValueError) as e:
         raise ValueError(f"{path} does not describe a model of our family ({e})") from None
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
@@ -186,6 +206,9 @@ def read_llama(hf_dir):
     if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state.get("model.embed_tokens.weight")):
         raise ValueError(f"{hf_dir} is not a model of our family: its input and output embeddings differ (our GPT ties them)")
     ours = our_state_dict({k: v.float() for k, v in state.items()})
+    if model_config.norm == "none":  # each norm x * w * rsqrt(eps): a FixedNorm of weight w and scale 1 / rsqrt(eps)
+        for key in [k for k in ours if k.endswith("norm.weight")]:
+            ours[key[:-len("weight")] + "scale"] = torch.tensor(1 / eps_factor(model_config.norm_eps))
     expected = GPT(model_config).to("meta").state_dict()
     extra, missing = set(ours) - set(expected), set(expected) - set(ours)
     if extra or missing:
@@ -217,7 +240,7 @@ def import_hf(hf_dir, out_dir):
     model = GPT(model_config)
     model.load_state_dict(state)
     shape = {k: getattr(model_config, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx",
-                                                   "d_vocab", "rope_base", "norm_eps")}
+                                                   "d_vocab", "rope_base", "norm_eps", "norm")}
     checkpoint = {
         "model": model.state_dict(), "model_config": shape,
         "optimizer": model.configure_optimizer(0.0, 0.0, (0.9, 0.95), fused=False).state_dict(),

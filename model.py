@@ -1,6 +1,6 @@
 """The SimpleStories model: a small Llama-style GPT in one file, importing nothing from this repo.
 
-RoPE (real cos/sin, rotate-half layout as in Llama), RMSNorm, SwiGLU MLP, grouped-query attention
+RoPE (real cos/sin, rotate-half layout as in Llama), RMSNorm (or none: norm='none', FixedNorm), SwiGLU MLP, grouped-query attention
 through F.scaled_dot_product_attention, no biases, input and output embedding tied.
 Field names follow TransformerLens (n_layers, d_model, n_heads, ...), module names follow Llama
 (q_proj, gate_proj, ...), so the weights map one to one onto transformers' LlamaForCausalLM.
@@ -31,8 +31,11 @@ class GPTConfig:
     d_vocab: int = 4096
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
+    norm: str = "rms"  # 'rms': RMSNorm; 'none': no normalization, each norm a FixedNorm (a frozen scale, see below)
 
     def __post_init__(self):
+        if self.norm not in ("rms", "none"):
+            raise ValueError(f"norm={self.norm!r} must be 'rms' (RMSNorm) or 'none' (a fixed scale per norm, FixedNorm)")
         if self.d_mlp == 0:
             self.d_mlp = int(8 * self.d_model / 3)
         for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx", "d_vocab"):
@@ -77,6 +80,32 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         # normalize in float32 (as Llama does) so bf16 activations do not lose the scale
         return F.rms_norm(x.float(), (x.size(-1),), self.weight.float(), self.eps).type_as(x)
+
+
+class FixedNorm(nn.Module):
+    """The norm of a model without normalization: x * weight / scale, with scale a fixed number, not the RMS of x.
+    A linear map, so the residual stream's contributions add up exactly at every layer. scale is a buffer, saved
+    with the weights but never trained: remove_norms.py sets it to the mean RMS the RMSNorm it replaces saw on data
+    (so the model computes what it did for a token of average RMS); a model trained with norm='none' from scratch
+    keeps INIT_SCALE. Computed in float32 as RMSNorm is."""
+
+    def __init__(self, dim, scale=1.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.register_buffer("scale", torch.tensor(float(scale)))
+
+    def forward(self, x):
+        return (x.float() * (self.weight.float() / self.scale)).type_as(x)
+
+
+INIT_SCALE = 0.02  # a FixedNorm's scale in a new model: the residual stream's RMS at init (the embedding's std). With 1.0
+# the norms pass the residual on 50 times too small, and the quickstart model (lr 1e-3) was still at 6.2 nats of train loss
+# after 160 steps; with 0.02 it starts as the RMSNorm model does, and was at 5.1 after 60 (BENCHMARKS.md)
+
+
+def make_norm(config):
+    """The norm a block (or the final layer) has under config.norm."""
+    return RMSNorm(config.d_model, config.norm_eps) if config.norm == "rms" else FixedNorm(config.d_model, INIT_SCALE)
 
 
 class KVCache:
@@ -184,9 +213,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 class Block(nn.Module):
     def __init__(self, config, layer):
         super().__init__()
-        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn_norm = make_norm(config)
         self.attn = Attention(config, layer)
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
     def forward(self, x, cos, sin, cache=None):
@@ -200,7 +229,7 @@ class GPT(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.d_vocab, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = make_norm(config)
         self.lm_head = nn.Linear(config.d_model, config.d_vocab, bias=False)
         self.lm_head.weight = self.embed.weight  # tied: one matrix, counted once
         cos, sin = rope_cos_sin(config.n_ctx, config.head_dim, config.rope_base)

@@ -63,6 +63,7 @@ n_ctx = 512  # context length in tokens
 d_vocab = 4096  # must equal the vocab_size in meta.json
 rope_base = 10000.0  # RoPE frequency base
 norm_eps = 1e-6  # RMSNorm epsilon
+norm = "rms"  # 'rms': RMSNorm; 'none': no normalization (each norm a fixed scale; see README, Models without normalization)
 # optimization: AdamW, linear warmup then cosine decay
 tokens_per_step = 32768  # global batch in tokens, whatever the number of devices
 batch_size = 16  # sequences per device per micro-step, at most; gradient accumulation makes up tokens_per_step
@@ -101,6 +102,7 @@ CHECKS = [  # the range of each setting, checked once the command line and a res
     (("beta1", "beta2"), lambda v: 0 <= v < 1, "at least 0 and below 1"),
     (("seed",), lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1"),
     (("init_from",), lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
+    (("norm",), lambda v: v in ("rms", "none"), "'rms' (RMSNorm) or 'none' (no normalization)"),
     (("dtype",), lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     (("keep_checkpoints",), lambda v: v in ("", "log") or re.fullmatch(r"linear:[1-9][0-9]*", v),
      "'' (none), 'log' or 'linear:N' with N at least 1"),
@@ -112,7 +114,7 @@ PEAK_FLOPS = [
 ]
 # settings a resumed run must keep: those that decide which batches a step sees, and the model's shape
 FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
-                   "d_vocab", "rope_base", "norm_eps")
+                   "d_vocab", "rope_base", "norm_eps", "norm")
 
 given = configurator.parse(sys.argv[1:], DEFAULTS, __doc__, __file__)  # config files and flags alike
 settings = {**DEFAULTS, **given}
@@ -123,7 +125,7 @@ if settings["init_from"] == "resume":
         die(f"cannot resume: {ckpt_path} does not exist; start with --init_from=scratch")
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = checkpoint["train_config"]
+        saved = {"norm": "rms", **checkpoint["train_config"]}  # checkpoints from before norm= have RMSNorm
         model_config = GPTConfig(**checkpoint["model_config"])
         missing = {"model", "optimizer", "iter_num", "best_val_loss", "tokenizer", "meta", "loss_since_log", "rng"} - set(checkpoint)
         if missing:
@@ -275,7 +277,7 @@ if checkpoint is not None:
 else:
     try:
         model_config = GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_mlp=d_mlp,
-                                 n_ctx=n_ctx, d_vocab=d_vocab, rope_base=rope_base, norm_eps=norm_eps)
+                                 n_ctx=n_ctx, d_vocab=d_vocab, rope_base=rope_base, norm_eps=norm_eps, norm=norm)
     except ValueError as e:
         die(str(e))
 if meta["vocab_size"] != model_config.d_vocab:
@@ -298,7 +300,7 @@ checkpoint = None  # free the memory
 model = torch.compile(raw_model) if compile else raw_model
 eval_model = model
 if ddp:
-    # the only buffers are the RoPE tables, the same on every rank: no need to sync them before each forward
+    # the only buffers are the RoPE tables and FixedNorm scales, the same on every rank: no need to sync them before each forward
     # (torch 2.13 renamed broadcast_buffers to forward_sync_buffers)
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **{no_sync: False})
