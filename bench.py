@@ -81,17 +81,24 @@ def suite_config(name):
 
 
 def train_step(compile=None):
-    """One AdamW training step (forward, backward, update) in float32 on CPU, batch 8 x 512, of our GPT and of
-    transformers' LlamaForCausalLM (SDPA attention) of the same shape, timed in turns in one process so that drift
-    hits both; the best of three rounds of medians. Three ways: ours as train.py runs it (compiled) against
-    transformers as its users run it (eager), and both eager, and both compiled; compile=True or False: only
+    """One AdamW training step (forward, backward, update) on CPU, batch 8 x 512, of our GPT and of transformers'
+    LlamaForCausalLM (SDPA attention) of the same shape, timed in turns in one process so that drift hits both; the
+    best of three rounds of medians. Four pairings: ours as train.py runs it here (compiled, in bfloat16 autocast where
+    dtype='auto' picks it: a CPU with AMX) against transformers as its users run it (eager, float32); both eager in
+    float32; both compiled in float32; both eager in bfloat16 autocast. compile=True or False: only the float32 pair,
     both compiled or both eager."""
+    from contextlib import nullcontext
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from configurator import bf16_is_fast
     from model import GPT
 
-    pairs = {None: [(True, False), (False, False), (True, True)], True: [(True, True)], False: [(False, False)]}[compile]
+    auto = "bfloat16" if bf16_is_fast("cpu") else "float32"
+    pairs = {None: [((True, auto), (False, "float32")), ((False, "float32"), (False, "float32")),
+                    ((True, "float32"), (True, "float32")), ((False, "bfloat16"), (False, "bfloat16"))],
+             True: [((True, "float32"), (True, "float32"))], False: [((False, "float32"), (False, "float32"))]}[compile]
     for name in ("1.25m", "5m"):
         c = suite_config(name)
         torch.manual_seed(0)
@@ -102,29 +109,34 @@ def train_step(compile=None):
             rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True, attn_implementation="sdpa"))
         x, y = torch.randint(0, c.d_vocab, (8, 512)), torch.randint(0, c.d_vocab, (8, 512))
 
-        def step_of(model, loss_of, compiled):
+        def step_of(model, loss_of, compiled, dtype):
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             forward = torch.compile(model) if compiled else model
 
             def step():
-                loss_of(forward).backward()
+                with torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext():
+                    loss = loss_of(forward)
+                loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             return step
 
         steps = {}
-        for ours_compiled, llama_compiled in pairs:
-            steps.setdefault(("ours", ours_compiled), step_of(ours, lambda m: m(x, y)[1], ours_compiled))
-            steps.setdefault(("llama", llama_compiled), step_of(llama, lambda m: m(input_ids=x, labels=y).loss, llama_compiled))
+        for ours_way, llama_way in pairs:
+            steps.setdefault(("ours", *ours_way), step_of(ours, lambda m: m(x, y)[1], *ours_way))
+            steps.setdefault(("llama", *llama_way), step_of(llama, lambda m: m(input_ids=x, labels=y).loss, *llama_way))
         times = {k: [] for k in steps}
         for _ in range(3):
             for k, step in steps.items():
                 times[k].append(median_seconds(step, 3))
         best = {k: min(v) for k, v in times.items()}
-        for ours_compiled, llama_compiled in pairs:
-            a, b = best["ours", ours_compiled], best["llama", llama_compiled]
-            print(f"train_step {name}: ours {'compiled' if ours_compiled else 'eager'} {a * 1000:.0f} ms, transformers Llama "
-                  f"{'compiled' if llama_compiled else 'eager'} {b * 1000:.0f} ms, ours is {b / a:.2f}x as fast")
+
+        def way(compiled, dtype):
+            return f"{'compiled' if compiled else 'eager'} {dtype}"
+        for ours_way, llama_way in pairs:
+            a, b = best[("ours", *ours_way)], best[("llama", *llama_way)]
+            print(f"train_step {name}: ours {way(*ours_way)} {a * 1000:.0f} ms, transformers Llama {way(*llama_way)} "
+                  f"{b * 1000:.0f} ms, ours is {b / a:.2f}x as fast", flush=True)
 
 
 def data_wait(max_iters=60):
