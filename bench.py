@@ -181,7 +181,7 @@ def steps_to(curve, target):
     return None
 
 
-def optimizers(seeds=(1, 2, 3), max_iters=300, workers=2):
+def optimizers(seeds=(1, 2), max_iters=200, workers=2):
     """train.py on the sample bins, the quickstart model (1.25M shape, context 256) at 2,048 tokens a step for
     max_iters steps, eager on CPU, one thread a run (workers runs at a time): AdamW with the cosine schedule (the
     baseline, the quickstart's learning rate 4e-3 and weight decay 0.3), AdamW with warmup-stable-decay, Muon
@@ -223,7 +223,7 @@ def optimizers(seeds=(1, 2, 3), max_iters=300, workers=2):
               f"the baseline's final val loss: {shown} (seeds){speedup}; {ms:.0f} ms a step (loaded machine)")
 
 
-def mlp_width(names=("5m", "35m")):
+def mlp_width(names=("1.25m", "5m")):
     """One AdamW training step (forward, backward, update) in float32 on CPU, batch 4 x 512, eager, of the suite's
     shape with d_mlp = int(8 d_model / 3) and with it rounded up to a multiple of 64, timed in turns in one
     process; the best of three rounds of medians. The rounding is for GPU tensor cores, whose matmul tiles are
