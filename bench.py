@@ -6,6 +6,8 @@ Usage:
   python bench.py train_step   # a CPU training step of the 1.25M and 5M models against transformers' Llama
   python bench.py data_wait    # the share of a training step spent waiting for batches from the bins
   python bench.py kv_cache     # sampling 256 tokens with the KV cache against recomputing the sequence
+  python bench.py optimizers   # steps to the AdamW-cosine run's final val loss: AdamW or Muon, cosine or warmup-stable-decay
+  python bench.py mlp_width    # a training step with d_mlp = int(8 d_model / 3) against it rounded up to a multiple of 64
 """
 
 import os
@@ -178,8 +180,96 @@ def kv_cache(n_tokens=256):
           f"{recompute / cached:.1f}x faster")
 
 
+OPTIMIZER_RUNS = {"adamw cosine": [], "adamw wsd": ["--lr_schedule=wsd"], "muon cosine": ["--optimizer=muon"],
+                  "muon wsd": ["--optimizer=muon", "--lr_schedule=wsd"]}
+
+
+def steps_to(curve, target):
+    """The first step at which a val loss curve [(step, loss), ...] reaches target, interpolated linearly between
+    evaluations; None if it never does."""
+    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
+        if l1 <= target:
+            return s1 if l0 == l1 else s0 + (s1 - s0) * (l0 - target) / (l0 - l1)
+    return None
+
+
+def optimizers(seeds=(1, 2), max_iters=200, workers=2):
+    """train.py on the sample bins, the quickstart model (1.25M shape, context 256) at 2,048 tokens a step for
+    max_iters steps, eager on CPU, one thread a run (workers runs at a time): AdamW with the cosine schedule (the
+    baseline, the quickstart's learning rate 4e-3 and weight decay 0.3), AdamW with warmup-stable-decay, Muon
+    (at the same learning rate, on AdamW's scale) with each; the same seeds, so each seed's runs see the same
+    weights at step 0 and the same batches. The val loss is taken every 20 steps; for each run, the steps it
+    takes to reach the baseline's final val loss of its seed (a cosine run is measured mid-schedule: its
+    learning rate is still high there, so this understates what a shorter run of it would reach)."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    def train(name, seed, out_dir):
+        args = [sys.executable, "train.py", "configs/quickstart.py", f"--out_dir={out_dir}", f"--seed={seed}",
+                f"--max_iters={max_iters}", "--tokens_per_step=2048", "--batch_size=8", "--eval_interval=20",
+                "--log_interval=20", "--sample_tokens=0", "--device=cpu", *OPTIMIZER_RUNS[name]]
+        t0 = time.time()
+        result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if result.returncode:
+            sys.exit(result.stderr)
+        records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+        ms = np.median([r["ms_per_step"] for r in records if "ms_per_step" in r][1:])
+        print(f"optimizers: {name}, seed {seed} done in {time.time() - t0:.0f} s, {ms:.0f} ms a step", flush=True)
+        return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r], ms
+
+    with tempfile.TemporaryDirectory() as tmp, ThreadPoolExecutor(workers) as pool:
+        jobs = {(name, seed): pool.submit(train, name, seed, os.path.join(tmp, f"{name.replace(' ', '_')}_{seed}"))
+                for seed in seeds for name in OPTIMIZER_RUNS}
+        results = {key: job.result() for key, job in jobs.items()}
+    curves = {key: curve for key, (curve, _) in results.items()}
+    print("optimizers: val loss every 20 steps, " + json.dumps({f"{n} {s}": [round(v, 4) for _, v in c] for (n, s), c in curves.items()}))
+    for name in OPTIMIZER_RUNS:
+        needed = [steps_to(curves[name, seed], curves["adamw cosine", seed][-1][1]) for seed in seeds]
+        final = [curves[name, seed][-1][1] for seed in seeds]
+        ms = np.median([results[name, seed][1] for seed in seeds])
+        shown = ", ".join("never" if n is None else f"{n:.0f}" for n in needed)
+        speedup = "" if None in needed else f", {max_iters / np.mean(needed):.2f}x fewer steps"
+        print(f"optimizers {name}: final val loss {np.mean(final):.4f} (seeds {', '.join(f'{v:.4f}' for v in final)}); steps to "
+              f"the baseline's final val loss: {shown} (seeds){speedup}; {ms:.0f} ms a step (loaded machine)")
+
+
+def mlp_width(names=("1.25m", "5m")):
+    """One AdamW training step (forward, backward, update) in float32 on CPU, batch 4 x 512, eager, of the suite's
+    shape with d_mlp = int(8 d_model / 3) and with it rounded up to a multiple of 64, timed in turns in one
+    process; the best of three rounds of medians. The rounding is for GPU tensor cores, whose matmul tiles are
+    multiples of 64: a CPU shows what the wider MLP costs, not what the whole tiles gain."""
+    import torch
+
+    from model import GPT, GPTConfig
+
+    for name in names:
+        c = suite_config(name)
+        steps, widths, counts = {}, {}, {}
+        x, y = torch.randint(0, c.d_vocab, (4, 512)), torch.randint(0, c.d_vocab, (4, 512))
+        for multiple in (1, 64):
+            torch.manual_seed(0)
+            model = GPT(GPTConfig(n_layers=c.n_layers, d_model=c.d_model, n_heads=c.n_heads, d_mlp_multiple=multiple))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step(model=model, optimizer=optimizer):
+                model(x, y)[1].backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            steps[multiple], widths[multiple], counts[multiple] = step, model.config.d_mlp, model.num_params()
+        times = {k: [] for k in steps}
+        for _ in range(3):
+            for k, step in steps.items():
+                times[k].append(median_seconds(step, 3))
+        a, b = min(times[1]), min(times[64])
+        print(f"mlp_width {name}: d_mlp {widths[1]} ({counts[1]:,} parameters) {a * 1000:.0f} ms a step, d_mlp {widths[64]} "
+              f"({counts[64]:,} parameters) {b * 1000:.0f} ms; rounded up is {a / b:.2f}x as fast")
+
+
 if __name__ == "__main__":
-    benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache}
+    benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache,
+                  "optimizers": optimizers, "mlp_width": mlp_width}
     if len(sys.argv) != 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}}")
     benchmarks[sys.argv[1]]()

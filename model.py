@@ -26,18 +26,21 @@ class GPTConfig:
     d_model: int = 256
     n_heads: int = 4
     n_kv_heads: int = 2
-    d_mlp: int = 0  # 0: int(8 * d_model / 3), the SwiGLU width that keeps the MLP at ~8 d_model^2
+    d_mlp: int = 0  # 0: int(8 * d_model / 3), the SwiGLU width that keeps the MLP at ~8 d_model^2, rounded up to d_mlp_multiple
     n_ctx: int = 512
     d_vocab: int = 4096
     rope_base: float = 10000.0
     norm_eps: float = 1e-6
     norm: str = "rms"  # 'rms': RMSNorm; 'none': no normalization, each norm a FixedNorm (a frozen scale, see below)
+    d_mlp_multiple: int = 1  # the default d_mlp rounded up to a multiple of this (64: whole tile widths for tensor cores); 1: the suite's exact shapes
 
     def __post_init__(self):
         if self.norm not in ("rms", "none"):
             raise ValueError(f"norm={self.norm!r} must be 'rms' (RMSNorm) or 'none' (a fixed scale per norm, FixedNorm)")
+        if self.d_mlp_multiple < 1:
+            raise ValueError(f"d_mlp_multiple={self.d_mlp_multiple} must be a positive integer")
         if self.d_mlp == 0:
-            self.d_mlp = int(8 * self.d_model / 3)
+            self.d_mlp = -(-int(8 * self.d_model / 3) // self.d_mlp_multiple) * self.d_mlp_multiple
         for name in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx", "d_vocab"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be a positive integer")
@@ -276,21 +279,36 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params() + 12 * c.n_layers * c.d_model * c.n_ctx
 
-    def configure_optimizer(self, learning_rate, weight_decay, betas, fused, state=None):
-        """AdamW with weight decay on the matrices only, not on the norm weights; fused: its one-kernel update
-        (for parameters on a GPU). state: an optimizer state_dict to go on from, perhaps saved on another
-        machine or with other settings. Its groups keep only their parameters and take every setting of this
-        run before loading, because torch places each state tensor by the group's flags: the fused kernel
-        needs `step` beside the parameters on the GPU, the others keep it on the CPU."""
-        decay = [p for p in self.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.parameters() if p.dim() < 2]
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}],
-                                      lr=learning_rate, betas=betas, fused=fused)
+    def configure_optimizer(self, learning_rate, weight_decay, betas, fused, state=None, optimizer="adamw", muon_lr=0.0,
+                            muon_momentum=0.95):
+        """The optimizer train.py steps. optimizer="adamw": AdamW on every parameter, with weight decay on the
+        matrices only, not on the norm weights. optimizer="muon": torch.optim.Muon on the hidden matrices (the
+        attention and MLP projections) at muon_lr (0: learning_rate) with Nesterov momentum muon_momentum, and
+        AdamW as above on the rest (the tied embedding and the norm weights). Muon scales its orthogonalized update
+        to AdamW's size (adjust_lr_fn="match_rms_adamw"), so its learning rate and weight decay are on AdamW's scale.
+        Every group has "peak_lr", the learning rate the schedule scales. fused: AdamW's one-kernel update (for
+        parameters on a GPU). state: an optimizer state_dict to go on from, perhaps saved on another machine or
+        with other settings."""
+        if optimizer == "adamw":
+            matrices, hidden = [p for p in self.parameters() if p.dim() >= 2], []
+        else:
+            hidden = [p for block in self.blocks for p in block.parameters() if p.dim() == 2]
+            matrices = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in set(map(id, hidden))]
+        adamw = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay, "peak_lr": learning_rate},
+                                   {"params": [p for p in self.parameters() if p.dim() < 2], "weight_decay": 0.0,
+                                    "peak_lr": learning_rate}],
+                                  lr=learning_rate, betas=betas, fused=fused)
+        if optimizer == "adamw":
+            if state is not None:
+                load_optimizer_state(adamw, state)
+            return adamw
+        muon_lr = muon_lr or learning_rate
+        muon = torch.optim.Muon([{"params": hidden, "peak_lr": muon_lr}], lr=muon_lr, weight_decay=weight_decay,
+                                momentum=muon_momentum, adjust_lr_fn="match_rms_adamw")
+        combined = MuonAdamW(muon, adamw)
         if state is not None:
-            groups = [{**now, "params": saved["params"]} for saved, now in zip(state["param_groups"], optimizer.param_groups)]
-            optimizer.load_state_dict({"state": state["state"], "param_groups": groups})
-        return optimizer
+            combined.load_state_dict(state)
+        return combined
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None,
@@ -318,6 +336,42 @@ class GPT(nn.Module):
             if eos_id is not None and finished.all():
                 break
         return out
+
+
+def load_optimizer_state(optimizer, state):
+    """Load a torch optimizer's state_dict into optimizer, keeping the settings optimizer was made with: the saved
+    groups keep only their parameters and take every setting of this run before loading, because torch places
+    each state tensor by the group's flags (the fused AdamW kernel needs `step` beside the parameters on the GPU,
+    the others keep it on the CPU)."""
+    groups = [{**now, "params": saved["params"]} for saved, now in zip(state["param_groups"], optimizer.param_groups)]
+    optimizer.load_state_dict({"state": state["state"], "param_groups": groups})
+
+
+class MuonAdamW:
+    """Muon on the hidden matrices and AdamW on the rest, stepped as one optimizer: param_groups (Muon's, then
+    AdamW's), step, zero_grad, and a state_dict {"muon": ..., "adamw": ...} that load_state_dict takes back."""
+
+    def __init__(self, muon, adamw):
+        self.muon, self.adamw = muon, adamw
+
+    @property
+    def param_groups(self):  # looked up each time: load_state_dict gives each optimizer new group dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def step(self):
+        self.muon.step()
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none=True):
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state):
+        load_optimizer_state(self.muon, state["muon"])
+        load_optimizer_state(self.adamw, state["adamw"])
 
 
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily: the distribution is the argmax already, and

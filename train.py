@@ -58,20 +58,26 @@ n_layers = 6  # transformer blocks
 d_model = 256  # width of the residual stream
 n_heads = 4  # attention heads (query heads)
 n_kv_heads = 2  # key/value heads shared by the query heads (grouped-query attention)
-d_mlp = 0  # hidden width of the SwiGLU MLP; 0: int(8 * d_model / 3)
+d_mlp = 0  # hidden width of the SwiGLU MLP; 0: int(8 * d_model / 3), rounded up to d_mlp_multiple
+d_mlp_multiple = 1  # round the default d_mlp up to a multiple of this (64: whole tensor-core tiles); 1: the suite's exact shapes
 n_ctx = 512  # context length in tokens
 d_vocab = 4096  # must equal the vocab_size in meta.json
 rope_base = 10000.0  # RoPE frequency base
 norm_eps = 1e-6  # RMSNorm epsilon
 norm = "rms"  # 'rms': RMSNorm; 'none': no normalization (each norm a fixed scale; see README, Models without normalization)
-# optimization: AdamW, linear warmup then cosine decay
+# optimization: AdamW (or Muon on the hidden matrices), linear warmup then cosine (or warmup-stable-decay) schedule
 tokens_per_step = 32768  # global batch in tokens, whatever the number of devices
 batch_size = 16  # sequences per device per micro-step, at most; gradient accumulation makes up tokens_per_step
 max_iters = 20000  # optimizer steps
-learning_rate = 1e-3  # peak learning rate, reached after warmup_iters
-min_lr_ratio = 0.1  # the cosine ends at learning_rate * min_lr_ratio
+optimizer = "adamw"  # 'adamw', or 'muon': torch.optim.Muon on the attention and MLP matrices, AdamW on embedding and norms
+learning_rate = 1e-3  # peak learning rate (AdamW's), reached after warmup_iters
+muon_lr = 0.0  # Muon's peak learning rate, on AdamW's scale (Muon matches its update's size to AdamW's); 0: learning_rate
+muon_momentum = 0.95  # Muon's Nesterov momentum
+lr_schedule = "cosine"  # after warmup: 'cosine' down to min_lr_ratio, or 'wsd': constant, then linear down over the last decay_fraction
+decay_fraction = 0.2  # wsd: the share of the steps to lr_decay_iters spent decaying
+min_lr_ratio = 0.1  # the schedule ends at the peak learning rate * min_lr_ratio
 warmup_iters = 500  # steps of linear warmup from 0
-lr_decay_iters = 0  # length of the cosine; 0: max_iters (set it to stop early now and resume later)
+lr_decay_iters = 0  # length of the schedule; 0: max_iters (set it to stop early now and resume later)
 weight_decay = 0.1  # on matrices only, not on norm weights
 beta1 = 0.9  # AdamW's first-moment decay
 beta2 = 0.95  # AdamW's second-moment decay
@@ -95,11 +101,14 @@ DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type
 CHECKS = [  # the range of each setting, checked once the command line and a resumed checkpoint are read
     (("n_layers", "d_model", "n_heads", "n_kv_heads", "n_ctx", "d_vocab", "tokens_per_step", "batch_size", "eval_interval",
       "eval_seqs", "log_interval"), lambda v: v >= 1, "at least 1"),
-    (("d_mlp", "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "learning_rate", "weight_decay", "grad_clip",
+    (("d_mlp", "muon_lr", "max_iters", "warmup_iters", "lr_decay_iters", "sample_tokens", "learning_rate", "weight_decay", "grad_clip",
       "peak_flops"), lambda v: v >= 0, "0 or more"),
     (("rope_base", "norm_eps"), lambda v: v > 0, "positive"),
-    (("min_lr_ratio",), lambda v: 0 <= v <= 1, "between 0 and 1"),
-    (("beta1", "beta2"), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    (("min_lr_ratio", "decay_fraction"), lambda v: 0 <= v <= 1, "between 0 and 1"),
+    (("beta1", "beta2", "muon_momentum"), lambda v: 0 <= v < 1, "at least 0 and below 1"),
+    (("d_mlp_multiple",), lambda v: v >= 1, "at least 1"),
+    (("optimizer",), lambda v: v in ("adamw", "muon"), "'adamw' or 'muon'"),
+    (("lr_schedule",), lambda v: v in ("cosine", "wsd"), "'cosine' or 'wsd'"),
     (("seed",), lambda v: 0 <= v < 2**63, "between 0 and 2**63 - 1"),
     (("init_from",), lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
     (("norm",), lambda v: v in ("rms", "none"), "'rms' (RMSNorm) or 'none' (no normalization)"),
@@ -114,7 +123,7 @@ PEAK_FLOPS = [
 ]
 # settings a resumed run must keep: those that decide which batches a step sees, and the model's shape
 FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
-                   "d_vocab", "rope_base", "norm_eps", "norm")
+                   "d_mlp_multiple", "d_vocab", "rope_base", "norm_eps", "norm")
 
 given = configurator.parse(sys.argv[1:], DEFAULTS, __doc__, __file__)  # config files and flags alike
 settings = {**DEFAULTS, **given}
@@ -135,6 +144,10 @@ if settings["init_from"] == "resume":
             f"delete it or start with --init_from=scratch")
     # the run goes on with the settings it was started with; only those given now change them
     settings = {**configurator.resume(DEFAULTS, given, saved, FIXED_ON_RESUME, ckpt_path), "init_from": "resume"}
+    # (a model imported by export.py has no optimizer state yet: any optimizer can start on it)
+    if checkpoint["meta"] is not None and settings["optimizer"] != saved.get("optimizer", "adamw"):
+        die(f"{ckpt_path} was trained with optimizer={saved.get('optimizer', 'adamw')}: its optimizer state cannot go on "
+            f"with optimizer={settings['optimizer']}; drop that setting or start a new out_dir")
     if settings["max_iters"] < checkpoint["iter_num"]:
         die(f"{ckpt_path} is at step {checkpoint['iter_num']}, past max_iters={settings['max_iters']}; give a larger --max_iters")
 configurator.check(settings, CHECKS)
@@ -277,7 +290,8 @@ if checkpoint is not None:
 else:
     try:
         model_config = GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_mlp=d_mlp,
-                                 n_ctx=n_ctx, d_vocab=d_vocab, rope_base=rope_base, norm_eps=norm_eps, norm=norm)
+                                 n_ctx=n_ctx, d_vocab=d_vocab, rope_base=rope_base, norm_eps=norm_eps, norm=norm,
+                                 d_mlp_multiple=d_mlp_multiple)
     except ValueError as e:
         die(str(e))
 if meta["vocab_size"] != model_config.d_vocab:
@@ -287,8 +301,9 @@ if meta["vocab_size"] != model_config.d_vocab:
 raw_model = GPT(model_config).to(device)
 if checkpoint is not None:
     raw_model.load_state_dict(checkpoint["model"])
-optimizer = raw_model.configure_optimizer(learning_rate, weight_decay, (beta1, beta2), fused=device_type == "cuda",
-                                          state=checkpoint["optimizer"] if checkpoint else None)
+opt = raw_model.configure_optimizer(learning_rate, weight_decay, (beta1, beta2), fused=device_type == "cuda",
+                                    state=checkpoint["optimizer"] if checkpoint and checkpoint["meta"] else None, optimizer=optimizer,
+                                    muon_lr=muon_lr, muon_momentum=muon_momentum)
 loss_sum, loss_steps = torch.zeros((), device=device), 0  # training loss since the last log line
 if checkpoint is not None:
     loss_sum += checkpoint["loss_since_log"][0]
@@ -318,7 +333,7 @@ def save_checkpoint():
     """Write ckpt.pt atomically (a temporary file, fsynced, renamed over the old one). It keeps the tokenizer's
     bytes, so sample.py needs nothing else, and the meta.json of the bins, so a resume can check them."""
     state = {
-        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model_config),
+        "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "model_config": asdict(model_config),
         "train_config": config, "iter_num": iter_num, "best_val_loss": best_val_loss,
         "tokenizer": {"file": os.path.abspath(meta["tokenizer"]), "sha256": tokenizer.sha256(), "model": tokenizer.proto},
         "meta": meta, "loss_since_log": (loss_sum.item(), loss_steps),
@@ -354,12 +369,19 @@ def save_snapshot(step, val_loss):
         f.write(save(state, metadata=info))
 
 
-def get_lr(step):
+def lr_scale(step):
+    """The share of its peak learning rate each parameter group uses at step: linear warmup from 0 over warmup_iters,
+    then, to lr_decay_iters (0: max_iters), a cosine from 1 down to min_lr_ratio, or (wsd) 1 until the last
+    decay_fraction of those steps and a straight line down to min_lr_ratio over them."""
     decay_iters = lr_decay_iters or max_iters
     if step < warmup_iters:
-        return learning_rate * (step + 1) / warmup_iters
+        return (step + 1) / warmup_iters
+    if lr_schedule == "wsd":
+        decay_start = decay_iters * (1 - decay_fraction)
+        progress = min(1.0, max(0.0, (step - decay_start) / max(1, decay_iters - decay_start)))
+        return 1 - (1 - min_lr_ratio) * progress
     progress = min(1.0, (step - warmup_iters) / max(1, decay_iters - warmup_iters))
-    return learning_rate * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 @torch.no_grad()
@@ -478,9 +500,10 @@ while True:
     if iter_num >= max_iters:
         break
 
-    lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
+    scale = lr_scale(iter_num)
+    lr = learning_rate * scale  # AdamW's, as logged; Muon's is muon_lr * scale
+    for group in opt.param_groups:
+        group["lr"] = group["peak_lr"] * scale
     for micro_step in range(grad_accum):
         t_wait = time.time()
         x, y = next(batches)
@@ -492,8 +515,8 @@ while True:
         (loss / grad_accum).backward()
         loss_sum += loss.detach() / grad_accum
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
     iter_num += 1
     loss_steps += 1
     timed_steps += 1

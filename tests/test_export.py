@@ -65,6 +65,17 @@ def test_every_suite_model_gives_transformers_the_same_logits_and_generations(to
     assert torch.equal(ours, theirs)
 
 
+def test_mlp_width_rounded_to_64_exports_as_intermediate_size(tok, tmp_path):
+    model = random_model(GPTConfig(n_layers=2, d_model=256, n_heads=4, d_mlp_multiple=64))
+    write_checkpoint(model, tok, tmp_path / "run")
+    export.export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    llama = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert llama.config.intermediate_size == model.config.d_mlp == 704
+    idx = torch.randint(0, 4096, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (model(idx)[0] - llama(idx).logits).abs().max() < 1e-4
+
+
 @pytest.fixture(scope="module")
 def exported(workdir, tmp_path_factory):
     """A tiny trained model, its export and its import back."""
@@ -106,6 +117,11 @@ def test_imported_model_fine_tunes_on_bins_of_its_tokenizer(exported, tmp_workdi
                  cwd=tmp_workdir)
     assert result.returncode == 0, result.stderr
     assert [r["step"] for r in map(json.loads, open(tmp_workdir / "out" / "back" / "log.jsonl")) if "val_loss" in r] == [3, 6]
+    # it has no optimizer state yet: Muon can start on it as well as AdamW
+    shutil.copytree(exported / "back", tmp_workdir / "out" / "muon")
+    result = run("train.py", "--init_from=resume", "--out_dir=out/muon", "--max_iters=2", "--eval_interval=2", *TINY,
+                 "--optimizer=muon", cwd=tmp_workdir)
+    assert result.returncode == 0, result.stderr
     # bins made with another tokenizer of the same size are refused
     (tmp_workdir / "data" / "other").mkdir()
     extra = json.dumps({"story": "Quizzical zebras jogged by wavy fjords. " * 30}) + "\n"

@@ -220,3 +220,59 @@ def test_resumed_optimizer_state_lies_where_its_kernel_needs_it(monkeypatch):
             # the fused kernel reads `step` beside the parameters; the others want it on the host
             assert state["step"].device == (p.device if fused else torch.device("cpu"))
             assert state["step"].is_meta or state["step"].item() == 1
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    model = small_model()
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), fused=False, optimizer="muon", muon_lr=2e-3)
+    hidden, decay, no_decay = optimizer.param_groups
+    names = {id(p): name for name, p in model.named_parameters()}  # the tied lm_head is the embedding, named once
+    grouped = [names[id(p)] for group in (hidden, decay, no_decay) for p in group["params"]]
+    assert sorted(grouped) == sorted(names.values())  # every parameter in exactly one group
+    assert {names[id(p)] for p in hidden["params"]} == {n for n in names.values() if n.endswith("_proj.weight")}
+    assert [names[id(p)] for p in decay["params"]] == ["embed.weight"]
+    assert all(n.endswith("norm.weight") for n in (names[id(p)] for p in no_decay["params"]))
+    assert isinstance(optimizer.muon, torch.optim.Muon) and optimizer.muon.param_groups[0] is hidden
+    assert (hidden["peak_lr"], decay["peak_lr"], no_decay["peak_lr"]) == (2e-3, 1e-3, 1e-3)
+    assert hidden["weight_decay"] == decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    default = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), fused=False, optimizer="muon")
+    assert default.param_groups[0]["peak_lr"] == 1e-3  # muon_lr 0: learning_rate
+
+
+def muon_steps(model, optimizer, batches):
+    for x, y in batches:
+        model(x, y)[1].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_muon_lowers_the_loss_and_its_state_resumes_exactly():
+    torch.manual_seed(1)
+    data = torch.randint(0, 97, (8, 2, 17))
+    batches = [(d[:, :-1], d[:, 1:]) for d in data]
+    settings = dict(learning_rate=3e-3, weight_decay=0.1, betas=(0.9, 0.95), fused=False, optimizer="muon", muon_momentum=0.9)
+    straight = small_model().train()
+    optimizer = straight.configure_optimizer(**settings)
+    before = straight(*batches[0])[1].item()
+    muon_steps(straight, optimizer, batches[:4] * 5)
+    assert straight(*batches[0])[1].item() < before - 1.0
+    # 2 steps, the state saved and loaded into a new model and optimizer, 2 more: as 4 straight steps
+    a, b = small_model().train(), small_model().train()
+    muon_steps(a, a.configure_optimizer(**settings), batches[:4])
+    muon_steps(b, opt_b := b.configure_optimizer(**settings), batches[:2])
+    resumed = small_model().train()
+    resumed.load_state_dict(b.state_dict())
+    opt_r = resumed.configure_optimizer(**settings, state=opt_b.state_dict())
+    assert len(opt_r.muon.state) == 14 and len(opt_r.adamw.state) == 6  # 7 matrices a layer; embedding, 5 norms
+    muon_steps(resumed, opt_r, batches[2:4])
+    for (name, p), q in zip(a.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_d_mlp_multiple_rounds_the_default_width_up():
+    assert GPTConfig(d_model=256).d_mlp == 682 and GPTConfig(d_model=256, d_mlp_multiple=64).d_mlp == 704
+    assert GPTConfig(d_model=512, d_mlp_multiple=64).d_mlp == 1365 + 43  # 1,408 = 22 x 64
+    assert GPTConfig(d_model=384, d_mlp_multiple=64).d_mlp == 1024  # already a multiple: unchanged
+    assert GPTConfig(d_model=256, d_mlp=300, d_mlp_multiple=64).d_mlp == 300  # a width given is kept
+    with pytest.raises(ValueError, match="d_mlp_multiple=0"):
+        GPTConfig(d_mlp_multiple=0)

@@ -153,6 +153,11 @@ def test_sample_prints_stories(workdir):
     (["--max_iters"], "has no value"),
     (["--keep_checkpoints=linear:0"], "must be '' (none), 'log' or 'linear:N'"),
     (["--keep_checkpoints=every"], "must be '' (none), 'log' or 'linear:N'"),
+    (["--optimizer=sgd"], "optimizer='sgd' must be 'adamw' or 'muon'"),
+    (["--lr_schedule=linear"], "lr_schedule='linear' must be 'cosine' or 'wsd'"),
+    (["--decay_fraction=1.5"], "decay_fraction=1.5 must be between 0 and 1"),
+    (["--muon_momentum=1.0"], "muon_momentum=1.0 must be at least 0 and below 1"),
+    (["--d_mlp_multiple=0"], "d_mlp_multiple=0 must be at least 1"),
 ])
 def test_bad_settings(tmp_workdir, args, message):
     result = run("train.py", *TINY, *args, cwd=tmp_workdir)
@@ -416,3 +421,33 @@ def test_checkpoints_over_training(workdir, tmp_path):
     ids = torch.tensor([tok.encode("Once there was a fox.", bos=True)])
     with torch.no_grad():
         assert torch.equal(hf_model(ids)[0], eight(ids)[0])
+
+
+def test_muon_with_wsd_learns_follows_its_schedule_and_resumes_exactly(workdir):
+    args = ["--optimizer=muon", "--muon_lr=1e-2", "--lr_schedule=wsd", "--decay_fraction=0.25", "--log_interval=1"]
+    train(workdir, *args, "--max_iters=20", "--eval_interval=10", "--out_dir=out/muon")
+    train(workdir, *args, "--max_iters=10", "--lr_decay_iters=20", "--eval_interval=10", "--out_dir=out/muon_stopped")
+    result = run("train.py", "--init_from=resume", "--out_dir=out/muon_stopped", "--max_iters=20", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    a, b = weights(workdir, "out/muon"), weights(workdir, "out/muon_stopped")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    straight, resumed = log(workdir, "out/muon"), log(workdir, "out/muon_stopped")
+    assert [r.get("loss") for r in straight] == [r.get("loss") for r in resumed]
+    evals = [r["val_loss"] for r in straight if "val_loss" in r]
+    assert evals[-1] < evals[0] - 1.5
+    # warmup over 5 steps, 1 until the last quarter of the 20 steps (15), then a line down to min_lr_ratio 0.1
+    scale = [(s + 1) / 5 if s < 5 else 1.0 if s < 15 else 1 - 0.9 * (s - 15) / 5 for s in range(20)]
+    assert [r["lr"] for r in straight if "lr" in r] == pytest.approx([3e-3 * f for f in scale])
+    state = torch.load(workdir / "out" / "muon" / "ckpt.pt", weights_only=True)["optimizer"]
+    assert [g["lr"] for g in state["muon"]["param_groups"]] == pytest.approx([1e-2 * scale[-1]])  # Muon's own peak, scaled
+    assert [g["lr"] for g in state["adamw"]["param_groups"]] == pytest.approx([3e-3 * scale[-1]] * 2)
+    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/muon", "--max_iters=30", "--optimizer=adamw", cwd=workdir))
+    assert "trained with optimizer=muon" in line and "optimizer=adamw" in line
+
+
+def test_muon_on_a_gpu_uses_fused_adamw_for_the_rest(workdir):
+    tiny = [a for a in TINY if not a.startswith("--device")]  # device 'auto': the GPU
+    result = fake_gpu(workdir, "train.py", *tiny, "--optimizer=muon", "--max_iters=2", "--eval_interval=2", "--out_dir=out/gpu_muon")
+    assert result.returncode == 0, result.stderr
+    state = torch.load(workdir / "out" / "gpu_muon" / "ckpt.pt", weights_only=True)["optimizer"]
+    assert all(group["fused"] for group in state["adamw"]["param_groups"]) and len(state["muon"]["state"]) == 14
