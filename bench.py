@@ -8,6 +8,7 @@ Usage:
   python bench.py kv_cache     # sampling 256 tokens with the KV cache against recomputing the sequence
   python bench.py optimizers   # steps to the AdamW-cosine run's final val loss: AdamW or Muon, cosine or warmup-stable-decay
   python bench.py mlp_width    # a training step with d_mlp = int(8 d_model / 3) against it rounded up to a multiple of 64
+  python bench.py openers      # tokens per word at story and paragraph starts against elsewhere (no timing)
 """
 
 import os
@@ -267,9 +268,56 @@ def mlp_width(names=("1.25m", "5m")):
               f"({counts[64]:,} parameters) {b * 1000:.0f} ms; rounded up is {a / b:.2f}x as fast")
 
 
+def openers(stories="data/sample/stories.jsonl", tokenizer_file="tokenizers/sample.model"):
+    """Tokens per word at a story's start, at a paragraph's start (after a blank line) and elsewhere, in the stories
+    as the tokenizer encodes them whole. A word there has no space before it, so its pieces are not the "▁So" of
+    the same word after a space: the same words are also counted as they are spelled after a space (" " + word,
+    encoded alone), and the share of the corpus's tokens that each word's first piece makes (how rare it is). A
+    word is a run of letters (with an apostrophe inside); a token counts for each word its bytes overlap."""
+    import json
+    import re
+    from collections import Counter
+
+    import numpy as np
+
+    from tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizer_file)
+    sizes = np.array(tok.token_bytes())
+    texts = [json.loads(line)["story"] for line in open(stories)]
+    encoded = tok.encode_many(texts)
+    frequency = Counter(i for ids in encoded for i in ids)
+    total = sum(frequency.values())
+    counts = {"story start": [], "paragraph start": [], "elsewhere": []}  # (word, tokens, first piece's id)
+    for text, ids in zip(texts, encoded):
+        ends = np.cumsum(sizes[ids])
+        starts = ends - sizes[ids]
+        for m in re.finditer(r"[A-Za-z]+(?:'[A-Za-z]+)*", text):
+            overlap = np.nonzero((starts < m.end()) & (ends > m.start()))[0]
+            where = ("story start" if m.start() == 0 else "paragraph start" if text[:m.start()].endswith("\n\n")
+                     else "elsewhere")
+            counts[where].append((m.group(), len(overlap), ids[overlap[0]]))
+    print(f"openers: {len(texts)} stories of {stories}, {tokenizer_file}")
+    print("| where | words | tokens per word | the same words after a space | first piece's share of tokens (median) |")
+    print("|---|---|---|---|---|")
+    for where, rows in counts.items():
+        tokens = np.mean([n for _, n, _ in rows])
+        share = np.median([frequency[first] / total for *_, first in rows])
+        if where == "elsewhere":
+            print(f"| {where} | {len(rows):,} | {tokens:.3f} | - | {100 * share:.3f}% |")
+            continue
+        spaced = [tok.encode(" " + word) for word, _, _ in rows]
+        spaced_share = np.median([frequency[ids[0]] / total for ids in spaced])
+        print(f"| {where} | {len(rows):,} | {tokens:.3f} | {np.mean([len(ids) for ids in spaced]):.3f} "
+              f"| {100 * share:.3f}% (after a space {100 * spaced_share:.3f}%) |")
+    common = Counter(word for word, _, _ in counts["story start"] + counts["paragraph start"]).most_common(5)
+    print("most common openers, tokens at the start / after a space: " + ", ".join(
+        f"{word} {len(tok.encode(word))}/{len(tok.encode(' ' + word))}" for word, _ in common))
+
+
 if __name__ == "__main__":
     benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache,
-                  "optimizers": optimizers, "mlp_width": mlp_width}
+                  "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers}
     if len(sys.argv) != 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}}")
     benchmarks[sys.argv[1]]()

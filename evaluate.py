@@ -21,7 +21,9 @@ train.py). A story longer than the context is scored in windows of n_ctx tokens 
 Rows: all stories, stories by length, and every value of every label in the story index prepare.py writes
 (val.stories.parquet); each row gives the number of stories and the mean over them with the half-width of a
 95% t-interval over stories (stories taken as independent draws). "token loss" pools every predicted token,
-as train.py's val loss does (its windows start anywhere in val.bin, so the two differ a little).
+as train.py's val loss does (its windows start anywhere in val.bin, so the two differ a little). The opening loss
+is the mean over stories of the mean loss of a story's first ten tokens after BOS, scored from position 0 with
+nothing before BOS, as sample.py starts a story (loss_by_story.parquet has each story's).
 
 Judge (judge.json, judge.md, judge.jsonl): see judge.py. Data report (data.json, data.md, zipf.png,
 lengths.png, labels.png): see data_report.py, which states each method.
@@ -37,6 +39,7 @@ import numpy as np
 from configurator import Parser, atomic_write, boolean, die, folder_problem
 
 LENGTH_BUCKETS = (0, 128, 256, 512, 1024)  # predicted tokens: 0-127, 128-255, 256-511, 512-1023, 1024+
+OPENING_TOKENS = 10  # the opening loss is the mean over a story's first ten tokens after BOS
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,6 +231,28 @@ def story_losses(model, tokens, offsets, lengths, token_bytes, stride, batch_siz
     return nats, text_nats, nbytes, pos_nats, pos_tokens
 
 
+def opening_losses(model, tokens, offsets, lengths, batch_size, device, n=OPENING_TOKENS):
+    """Per story: the mean loss (nats) of its first n tokens after BOS (all of them in a shorter story), scored from
+    position 0: BOS first, nothing before it, as sample.py starts a story. Random training windows almost never
+    see that context."""
+    import torch
+    import torch.nn.functional as F
+
+    n = min(n, model.config.n_ctx)
+    out = np.zeros(len(lengths))
+    for b in range(0, len(lengths), batch_size):
+        rows = np.full((min(batch_size, len(lengths) - b), n + 1), -1, dtype=np.int64)
+        for row, i in enumerate(range(b, b + len(rows))):
+            story = tokens[offsets[i]:offsets[i] + min(lengths[i], n + 1)]
+            rows[row, :len(story)] = story
+        x, y = torch.from_numpy(rows[:, :-1]).clamp(min=0).to(device), torch.from_numpy(rows[:, 1:]).to(device)
+        with torch.no_grad(), autocast_for(device):
+            logits, _ = model(x)
+        nll = F.cross_entropy(logits.float().transpose(1, 2), y, ignore_index=-1, reduction="none")
+        out[b:b + len(rows)] = (nll.sum(1) / (y >= 0).sum(1)).double().cpu().numpy()
+    return out
+
+
 def loss_row(group, value, loss, bpb):
     mean, half = interval(loss)
     bpb_mean, bpb_half = interval(bpb)
@@ -271,6 +296,8 @@ def loss_mode(args):
         model, tokens, offsets, lengths, tok.token_bytes(), stride, args.batch_size, device)
     n_targets = lengths - 1
     loss = nats / n_targets
+    opening = opening_losses(model, tokens, offsets, lengths, args.batch_size, device)
+    opening_mean, opening_ci = interval(opening)
     with np.errstate(invalid="ignore", divide="ignore"):
         bpb = np.where(nbytes > 0, text_nats / (math.log(2) * nbytes), np.nan)
 
@@ -288,14 +315,17 @@ def loss_mode(args):
 
     eval_dir = args.eval_dir
     total = {"token_loss": float(nats.sum() / n_targets.sum()),
-             "token_bpb": float(text_nats.sum() / (math.log(2) * nbytes.sum())) if nbytes.sum() else None}
+             "token_bpb": float(text_nats.sum() / (math.log(2) * nbytes.sum())) if nbytes.sum() else None,
+             "opening_loss": opening_mean, "opening_loss_ci": opening_ci}
     report = {
         "checkpoint": args.hf_dir or model_files(args)[0], "data_dir": data_dir, "split": args.split,
         "stories": int(len(lengths)), "predicted_tokens": int(n_targets.sum()), **total,
         "n_ctx": model.config.n_ctx, "stride": stride,
         "method": "per story: mean nats over the tokens after BOS through EOS, and bits per byte of its text tokens; "
                   "rows: mean over stories with the half-width of a 95% t-interval (stories independent); stories "
-                  f"longer than n_ctx in windows moving by stride={stride}, each token scored once",
+                  f"longer than n_ctx in windows moving by stride={stride}, each token scored once; opening_loss: "
+                  f"mean over stories of the mean loss of their first {OPENING_TOKENS} tokens after BOS, scored from "
+                  f"position 0",
         "rows": rows,
         "by_position": {"position": list(range(1, len(pos_nats))), "tokens": pos_tokens[1:].astype(int).tolist(),
                         "loss": [float(s / c) if c else None for s, c in zip(pos_nats[1:], pos_tokens[1:])]},
@@ -306,11 +336,13 @@ def loss_mode(args):
                              plus_minus(r["bpb"], r["bpb_ci"])) for r in rows])
     markdown = (f"# {header}\n\nA story's loss is the mean over its tokens after BOS through EOS; ± is the half-width "
                 f"of a 95% t-interval over stories. Token loss (all tokens pooled): {total['token_loss']:.4f} nats, "
-                f"{total['token_bpb'] or float('nan'):.4f} bits per byte. Context {model.config.n_ctx}, stride {stride}."
+                f"{total['token_bpb'] or float('nan'):.4f} bits per byte. Opening loss (a story's first "
+                f"{OPENING_TOKENS} tokens, from BOS at position 0): {plus_minus(opening_mean, opening_ci)} nats. "
+                f"Context {model.config.n_ctx}, stride {stride}."
                 f"\n\n{table}\n")
     paths = write_report(eval_dir, "loss", report, markdown)
     story_table = pa.table({"id": index["id"], "offset": offsets.astype(np.uint64), "tokens": n_targets,
-                            "bytes": nbytes.astype(np.int64), "loss": loss, "bpb": bpb})
+                            "bytes": nbytes.astype(np.int64), "loss": loss, "bpb": bpb, "opening_loss": opening})
     paths.append(os.path.join(eval_dir, "loss_by_story.parquet"))
     with atomic_write(paths[-1]) as f:
         pq.write_table(story_table, f)
@@ -319,6 +351,7 @@ def loss_mode(args):
     print(markdown_table(["group", "value", "stories", "loss", "bits per byte"],
                          [(r["group"], r["value"], r["stories"], plus_minus(r["loss"], r["loss_ci"]),
                            plus_minus(r["bpb"], r["bpb_ci"])) for r in rows if r["group"] in ("all", "length")]))
+    print(f"opening loss (first {OPENING_TOKENS} tokens from BOS at position 0) {plus_minus(opening_mean, opening_ci)} nats")
     print(f"token loss {total['token_loss']:.4f} nats over {int(n_targets.sum()):,} tokens; "
           f"{sum(len(v) for v in by_label.values())} label rows in {paths[1]}")
     print("wrote " + ", ".join(paths))

@@ -30,6 +30,7 @@ tokenizer.json of their own; Tokenizer reads it, so `python sample.py --hf_dir=D
 import argparse
 import json
 import os
+from dataclasses import asdict
 
 import torch
 
@@ -239,8 +240,7 @@ def import_hf(hf_dir, out_dir):
     model_config, state, tok = read_llama(hf_dir)
     model = GPT(model_config)
     model.load_state_dict(state)
-    shape = {k: getattr(model_config, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx",
-                                                   "d_vocab", "rope_base", "norm_eps", "norm")}
+    shape = asdict(model_config)
     checkpoint = {
         "model": model.state_dict(), "model_config": shape,
         "optimizer": model.configure_optimizer(0.0, 0.0, (0.9, 0.95), fused=False).state_dict(),

@@ -17,6 +17,8 @@ Writes to --out_dir (default: the input's folder, or data/<name> for a hub datas
 
 The labels sit next to the tokens, so activations and losses can be grouped by label without
 re-tokenizing: story_ranges gives the token ranges of the stories with given labels, read_index the table.
+read_offsets, story_windows and window_tokens make the training windows that start at a story's BOS
+(train.py --windows=story).
 
     from prepare import story_ranges
     tokens = np.memmap("data/sample/val.bin", dtype=np.uint16, mode="r")
@@ -197,6 +199,59 @@ def read_index(data_dir, split="val", columns=None):
     if table.num_rows != expected:
         raise ValueError(f"{path} has {table.num_rows} stories, {meta_path} says {expected}; run prepare.py again")
     return table
+
+
+def read_offsets(data_dir, split="train"):
+    """The token offset of each story's BOS in {split}.bin, from {split}.idx, as int64, in bin order. ValueError if
+    the file is missing or does not fit meta.json."""
+    path, meta_path = os.path.join(data_dir, f"{split}.idx"), os.path.join(data_dir, "meta.json")
+    try:
+        with open(meta_path) as f:
+            counts = json.load(f)[split]
+        offsets = np.fromfile(path, dtype="<u8").astype(np.int64)
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"cannot read {path} or {meta_path}; run prepare.py for {data_dir} again") from None
+    if len(offsets) != counts["stories"] or offsets[0] != 0 or (np.diff(offsets) < 2).any() or offsets[-1] > counts["tokens"] - 2:
+        raise ValueError(f"{path} does not fit {meta_path} ({len(offsets)} stories); run prepare.py again")
+    return offsets
+
+
+def story_windows(offsets, n_tokens, width, count, rng, lookahead=32):
+    """count windows of width tokens that each start at a story's BOS: stories drawn at random (rng.integers over
+    the stories of offsets, in a bin of n_tokens tokens) and packed whole, first fit. A window takes the first of
+    the stories waiting, then any of the next that still fit (up to lookahead stories wait); a story longer than
+    width is cut to width. Returns, per window, its stories as (start, length) token ranges in order; the rest of
+    a window is padding. The same rng state gives the same windows."""
+    lengths = np.minimum(np.diff(offsets, append=n_tokens), width)
+    waiting, packed = [], []
+    while len(packed) < count:
+        window, free, i = [], width, 0
+        while free > 0:
+            if i == len(waiting):
+                if len(waiting) == lookahead:
+                    break
+                waiting.append(int(rng.integers(len(offsets))))
+            story = waiting[i]
+            if lengths[story] <= free:  # the first story waiting always fits an empty window
+                window.append((int(offsets[story]), int(lengths[story])))
+                free -= int(lengths[story])
+                waiting.pop(i)
+            else:
+                i += 1
+        packed.append(window)
+    return packed
+
+
+def window_tokens(tokens, packed, width):
+    """The (len(packed), width) int64 tokens of story_windows' windows, read from tokens (the bin): each window's
+    stories one after another, then -1 (padding, a target the loss ignores)."""
+    rows = np.full((len(packed), width), -1, dtype=np.int64)
+    for row, stories in enumerate(packed):
+        at = 0
+        for start, length in stories:
+            rows[row, at:at + length] = tokens[start:start + length]
+            at += length
+    return rows
 
 
 def story_ranges(data_dir, split="val", **labels):

@@ -43,6 +43,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 from configurator import atomic_write, die
 from model import GPT, GPTConfig
+from prepare import read_offsets, story_windows, window_tokens
 from sample import snapshot_path, snapshot_steps
 from tokenizer import Tokenizer
 
@@ -52,6 +53,7 @@ dataset = "sample"  # reads data/<dataset>/{train,val}.bin and meta.json from pr
 out_dir = "out/run"  # ckpt.pt and log.jsonl go here
 init_from = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt with the settings saved there
 overwrite = False  # let a scratch run replace the checkpoint already in out_dir
+windows = "random"  # training windows: 'random' (start anywhere, cross stories) or 'story' (start at a BOS, whole stories packed)
 keep_checkpoints = ""  # model snapshots in out_dir/checkpoints: 'log' (steps 0, 1, 2, 4, 8, ... and each evaluation), 'linear:N'
 # model (GPTConfig)
 n_layers = 6  # transformer blocks
@@ -113,6 +115,7 @@ CHECKS = [  # the range of each setting, checked once the command line and a res
     (("init_from",), lambda v: v in ("scratch", "resume"), "'scratch' or 'resume'"),
     (("norm",), lambda v: v in ("rms", "none"), "'rms' (RMSNorm) or 'none' (no normalization)"),
     (("dtype",), lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
+    (("windows",), lambda v: v in ("random", "story"), "'random' or 'story'"),
     (("keep_checkpoints",), lambda v: v in ("", "log") or re.fullmatch(r"linear:[1-9][0-9]*", v),
      "'' (none), 'log' or 'linear:N' with N at least 1"),
 ]
@@ -122,8 +125,8 @@ PEAK_FLOPS = [
     ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 ]
 # settings a resumed run must keep: those that decide which batches a step sees, and the model's shape
-FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
-                   "d_mlp_multiple", "d_vocab", "rope_base", "norm_eps", "norm")
+FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "windows", "n_layers", "d_model", "n_heads", "n_kv_heads",
+                   "d_mlp", "d_mlp_multiple", "d_vocab", "rope_base", "norm_eps", "norm")
 
 given = configurator.parse(sys.argv[1:], DEFAULTS, __doc__, __file__)  # config files and flags alike
 settings = {**DEFAULTS, **given}
@@ -220,6 +223,13 @@ for split in ("train", "val"):
         die(f"{path} has {meta[split]['tokens']} tokens, too few for a window of n_ctx + 1 = {n_ctx + 1}; give more stories or a smaller n_ctx")
 
 
+if windows == "story":
+    try:
+        train_offsets = read_offsets(data_dir, "train")  # where each story's BOS is: story windows start there
+    except ValueError as e:
+        die(f"windows=story needs the story offsets: {e}")
+
+
 def data_identity(m):
     """What makes bins the same bins, from their meta.json: the tokenizer that encoded them and their sizes."""
     return {"tokenizer sha256": m["tokenizer_sha256"], **{f"{s} {n}": m[s][n] for s in ("train", "val") for n in ("stories", "tokens")}}
@@ -242,25 +252,33 @@ def memmap(split):
     return np.memmap(os.path.join(data_dir, f"{split}.bin"), dtype=np.uint16, mode="r")
 
 
-def pinned(windows):
-    """(N, n_ctx + 1) uint16 token windows -> one int64 tensor, in pinned memory when it goes to a GPU."""
-    t = torch.from_numpy(windows.astype(np.int64))
+def pinned(rows):
+    """(N, n_ctx + 1) token windows (uint16, or int64 with -1 as padding) -> one int64 tensor, in pinned memory when
+    it goes to a GPU."""
+    t = torch.from_numpy(rows.astype(np.int64, copy=False))
     return t.pin_memory() if device_type == "cuda" else t
 
 
-def to_device(windows):
+def to_device(rows):
     """Token windows -> inputs and targets on the device: one copy of the windows (from pinned memory, it does not
-    wait for the host), of which both are views."""
-    windows = windows.to(device, non_blocking=True)
-    return windows[:, :-1], windows[:, 1:]
+    wait for the host), of which both are views. Padding (-1, story windows only) is a target the loss ignores; as
+    an input it reads as token 0 and comes after every real token of its row, which causal attention keeps from it."""
+    rows = rows.to(device, non_blocking=True)
+    return (rows[:, :-1].clamp(min=0) if windows == "story" else rows[:, :-1]), rows[:, 1:]
 
 
 def get_batch(step, micro_step):
-    """This rank's micro-batch: step's global batch comes from (seed, step) alone, whatever the devices."""
+    """This rank's micro-batch: step's global batch comes from (seed, step) alone, whatever the devices. Random
+    windows start anywhere in train.bin; story windows start at a story's BOS and hold whole stories, packed, the
+    rest padding (prepare.story_windows). The step's windows are packed whole, then this rank's are read."""
     data = memmap("train")
-    starts = np.random.default_rng([seed, step]).integers(0, len(data) - n_ctx - 1, size=tokens_per_step // n_ctx)
+    rng = np.random.default_rng([seed, step])
     first = (micro_step * world_size + rank) * batch_size
-    return pinned(np.stack([data[s:s + n_ctx + 1] for s in starts[first:first + batch_size]]))
+    if windows == "random":
+        starts = rng.integers(0, len(data) - n_ctx - 1, size=tokens_per_step // n_ctx)
+        return pinned(np.stack([data[s:s + n_ctx + 1] for s in starts[first:first + batch_size]]))
+    packed = story_windows(train_offsets, len(data), n_ctx + 1, tokens_per_step // n_ctx, rng)
+    return pinned(window_tokens(data, packed[first:first + batch_size], n_ctx + 1))
 
 
 def train_batches(first_step):
@@ -270,8 +288,8 @@ def train_batches(first_step):
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(get_batch, *next(order))
         for key in order:
-            windows, pending = pending.result(), reader.submit(get_batch, *key)
-            yield to_device(windows)
+            rows, pending = pending.result(), reader.submit(get_batch, *key)
+            yield to_device(rows)
         yield to_device(pending.result())
 
 
@@ -447,7 +465,7 @@ if master:
     except OSError as e:
         die(f"cannot write to out_dir={out_dir}: {e.strerror}; choose another --out_dir")
     print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile} | "
-          f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}")
+          f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}, {windows} windows")
     print(f"val loss to beat: {meta['unigram_entropy']:.4f}, the unigram entropy of train.bin (nats per token)")
     # snapshots a killed run wrote after its checkpoint, or all of those of the run a scratch run replaces
     for step in snapshot_steps(out_dir):

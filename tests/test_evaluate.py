@@ -87,6 +87,27 @@ def test_story_losses_match_a_naive_forward_pass_of_each_window(tiny, monkeypatc
     assert pos_tokens.sum() == (lengths - 1).sum() and pos_nats.sum() == pytest.approx(nats.sum(), rel=1e-6)
 
 
+def test_opening_loss_is_the_first_ten_tokens_scored_from_bos_at_position_0(tiny, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    from sample import load_model
+
+    monkeypatch.chdir(tiny)
+    model, _ = load_model("out/tiny", "cpu")
+    index = prepare.read_index("data/sample", "val")
+    tokens = np.fromfile("data/sample/val.bin", dtype="<u2")
+    offsets, lengths = index["offset"].to_numpy().astype(np.int64), index["length"].to_numpy().astype(np.int64)
+    lengths[3] = 6  # a story of 5 tokens after BOS: its opening is those 5
+    opening = evaluate.opening_losses(model, tokens, offsets, lengths, batch_size=4, device="cpu")
+    for i in range(len(lengths)):
+        story = torch.from_numpy(tokens[offsets[i]:offsets[i] + min(lengths[i], 11)].astype(np.int64))
+        with torch.no_grad():  # the story's first tokens alone, BOS at position 0
+            logits = model(story[None, :-1])[0][0]
+        assert opening[i] == pytest.approx(F.cross_entropy(logits, story[1:]).item(), rel=1e-5)
+    assert len(story) == 11 and story[0] == json.load(open("data/sample/meta.json"))["bos_id"]
+
+
 def test_loss_report_by_label_length_and_position(tiny):
     result = run("evaluate.py", "--out_dir=out/tiny", "--batch_size=7", cwd=tiny)
     assert result.returncode == 0, result.stderr
@@ -104,6 +125,8 @@ def test_loss_report_by_label_length_and_position(tiny):
 
     half = stats.t.ppf(0.975, len(loss) - 1) * loss.std(ddof=1) / math.sqrt(len(loss))
     assert rows["all", ""]["loss_ci"] == pytest.approx(half)
+    assert report["opening_loss"] == pytest.approx(stories["opening_loss"].to_numpy().mean())
+    assert "Opening loss" in open(out / "loss.md").read()
     assert report["token_loss"] == pytest.approx((loss * stories["tokens"].to_numpy()).sum() / stories["tokens"].to_numpy().sum())
     for label in LABELS:  # every value of every label: the mean over exactly its stories
         values = index[label].to_pylist()

@@ -1,0 +1,10 @@
+"""The 5M model (configs/5m.py) with context 128 instead of 512; the same 32,768 tokens per step, in 256 sequences,
+and the same 256 x 128 = 32,768 tokens per micro-step. The README's "Context length" says what each context sees."""
+out_dir = "out/5m_ctx128"
+dataset = "simplestories"
+n_layers = 6
+d_model = 256
+n_heads = 4
+n_ctx = 128
+learning_rate = 2e-3
+batch_size = 256  # per device per micro-step, at most
