@@ -6,6 +6,7 @@ Usage:
   python bench.py train_step   # a CPU training step of the 1.25M and 5M models against transformers' Llama
   python bench.py data_wait    # the share of a training step spent waiting for batches from the bins
   python bench.py kv_cache     # sampling 256 tokens with the KV cache against recomputing the sequence
+  python bench.py sampling     # generate() against transformers' generate, batch 1 and 32, 400 new tokens
 """
 
 import os
@@ -166,8 +167,68 @@ def kv_cache(n_tokens=256):
           f"{recompute / cached:.1f}x faster")
 
 
+def llama_twin(model):
+    """transformers' LlamaForCausalLM with model's weights (export.py's mapping), SDPA attention, in eval mode."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from export import llama_state_dict
+
+    c = model.config
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.n_ctx, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True,
+        attn_implementation="sdpa"))
+    result = llama.load_state_dict(llama_state_dict(model.state_dict()), strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result
+    llama.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    return llama.to(next(model.parameters()).device).eval()
+
+
+def sampling(n_tokens=400, batch_sizes=(1, 32), rounds=3, device="cpu"):
+    """Greedy generation of n_tokens after an 8-token prompt with the 5M model (random weights, no EOS, so
+    that every run makes all n_tokens), batch 1 and batch 32: our generate() against transformers'
+    generate() on the same weights (its default dynamic cache, SDPA), timed in turns in one process; the
+    best of `rounds` runs each, after one warm-up run. Also the share of generated tokens on which the two
+    agree (greedy decoding diverges for good at the first near-tie that float noise flips)."""
+    import torch
+
+    from model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(suite_config("5m")).to(device).eval()
+    llama = llama_twin(model)
+    for batch_size in batch_sizes:
+        idx = torch.randint(0, model.config.d_vocab, (batch_size, 8), generator=torch.Generator().manual_seed(1)).to(device)
+        runs = {
+            "ours": lambda: model.generate(idx, n_tokens, temperature=0),
+            "transformers": lambda: llama.generate(idx, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False),
+        }
+        outputs, times = {}, {name: [] for name in runs}
+        for name, fn in runs.items():
+            outputs[name] = fn()  # warm-up
+            assert outputs[name].shape == (batch_size, 8 + n_tokens), (name, outputs[name].shape)
+        for _ in range(rounds):
+            for name, fn in runs.items():
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn()
+                if device != "cpu":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+        rate = {name: batch_size * n_tokens / min(t) for name, t in times.items()}
+        ours, theirs = outputs["ours"][:, 8:], outputs["transformers"][:, 8:]
+        same = (ours == theirs).float().mean().item()
+        diverged = (ours != theirs).cumsum(dim=1).bool().float().mean().item()
+        print(f"sampling 5m {device}, batch {batch_size}, {n_tokens} tokens: ours {rate['ours']:.0f} tokens/s, "
+              f"transformers {rate['transformers']:.0f} tokens/s, ours is {rate['ours'] / rate['transformers']:.2f}x as fast; "
+              f"same token {same:.1%}, after the first difference in a row {diverged:.1%}")
+
+
 if __name__ == "__main__":
-    benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache}
+    benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache,
+                  "sampling": sampling}
     if len(sys.argv) != 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}}")
     benchmarks[sys.argv[1]]()
