@@ -187,10 +187,11 @@ def llama_twin(model):
 
 def sampling(n_tokens=400, batch_sizes=(1, 32), rounds=3, device="cpu"):
     """Greedy generation of n_tokens after an 8-token prompt with the 5M model (random weights, no EOS, so
-    that every run makes all n_tokens), batch 1 and batch 32: our generate() against transformers'
-    generate() on the same weights (its default dynamic cache, SDPA), timed in turns in one process; the
-    best of `rounds` runs each, after one warm-up run. Also the share of generated tokens on which the two
-    agree (greedy decoding diverges for good at the first near-tie that float noise flips)."""
+    that every run makes all n_tokens), batch 1 and batch 32: our generate(), eager and compiled, against
+    transformers' generate() on the same weights (its default dynamic cache, SDPA), timed in turns in one
+    process; the best of `rounds` runs each, after one warm-up run (for compile=True, the compilation: its
+    time is printed). Also the share of generated tokens on which ours and transformers agree (greedy
+    decoding diverges for good at the first near-tie that float noise flips)."""
     import torch
 
     from model import GPT
@@ -201,29 +202,38 @@ def sampling(n_tokens=400, batch_sizes=(1, 32), rounds=3, device="cpu"):
     for batch_size in batch_sizes:
         idx = torch.randint(0, model.config.d_vocab, (batch_size, 8), generator=torch.Generator().manual_seed(1)).to(device)
         runs = {
-            "ours": lambda: model.generate(idx, n_tokens, temperature=0),
+            "ours eager": lambda: model.generate(idx, n_tokens, temperature=0),
+            "ours compiled": lambda: model.generate(idx, n_tokens, temperature=0, compile=True),
             "transformers": lambda: llama.generate(idx, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False),
         }
-        outputs, times = {}, {name: [] for name in runs}
+
+        def timed(fn):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            return out, time.perf_counter() - t0
+
+        outputs, times, warmup = {}, {name: [] for name in runs}, {}
         for name, fn in runs.items():
-            outputs[name] = fn()  # warm-up
+            outputs[name], warmup[name] = timed(fn)
             assert outputs[name].shape == (batch_size, 8 + n_tokens), (name, outputs[name].shape)
         for _ in range(rounds):
             for name, fn in runs.items():
-                if device != "cpu":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn()
-                if device != "cpu":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(timed(fn)[1])
         rate = {name: batch_size * n_tokens / min(t) for name, t in times.items()}
-        ours, theirs = outputs["ours"][:, 8:], outputs["transformers"][:, 8:]
+        head = f"sampling 5m {device}, batch {batch_size}, {n_tokens} tokens:"
+        print(f"{head} " + ", ".join(f"{name} {rate[name]:.0f} tokens/s" for name in runs))
+        for name in ("ours eager", "ours compiled"):
+            print(f"{head} {name} is {rate[name] / rate['transformers']:.2f}x as fast as transformers")
+        print(f"{head} first compiled call {warmup['ours compiled']:.1f} s, a compiled run after it {min(times['ours compiled']):.2f} s")
+        ours, eager, theirs = outputs["ours compiled"][:, 8:], outputs["ours eager"][:, 8:], outputs["transformers"][:, 8:]
         same = (ours == theirs).float().mean().item()
         diverged = (ours != theirs).cumsum(dim=1).bool().float().mean().item()
-        print(f"sampling 5m {device}, batch {batch_size}, {n_tokens} tokens: ours {rate['ours']:.0f} tokens/s, "
-              f"transformers {rate['transformers']:.0f} tokens/s, ours is {rate['ours'] / rate['transformers']:.2f}x as fast; "
-              f"same token {same:.1%}, after the first difference in a row {diverged:.1%}")
+        print(f"{head} compiled and eager agree on {(ours == eager).float().mean().item():.1%} of tokens; "
+              f"ours and transformers on {same:.1%}, {diverged:.1%} after the first difference in a row")
 
 
 if __name__ == "__main__":
