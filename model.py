@@ -85,16 +85,17 @@ class KVCache:
     one-element tensor, the number of positions already stored; forward moves it on."""
 
     def __init__(self, config, batch_size, dtype, device):
-        shape = (config.n_layers, batch_size, config.n_kv_heads, config.n_ctx, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # one tensor a layer: a write into a slice of one big tensor is compiled as a copy of all of it
+        shape = (batch_size, config.n_kv_heads, config.n_ctx, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
 
     def update(self, layer, k, v, positions):
         """Store k, v (B, n_kv_heads, T, head_dim) at positions (T,); return the layer's keys and values at all n_ctx
         positions (the attention masks out those not written yet)."""
-        self.k[layer].index_copy_(2, positions, k)
-        self.v[layer].index_copy_(2, positions, v)
+        self.k[layer][:, :, positions] = k
+        self.v[layer][:, :, positions] = v
         return self.k[layer], self.v[layer]
 
 
@@ -305,7 +306,7 @@ class GPT(nn.Module):
         step = self.decode_step
         if compile:
             step = self._compiled_decode_step(device)
-            for t in (cache.k, cache.v, cache.pos):  # written in place by the CUDA graph, not copied in and out
+            for t in (*cache.k, *cache.v, cache.pos):  # written in place by the CUDA graph, not copied in and out
                 torch._dynamo.mark_static_address(t)
         out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=device)
         out[:, :T] = idx
