@@ -90,13 +90,14 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.length = config.n_ctx  # the positions attention reads: generate keeps it a bucket above those filled
 
     def update(self, layer, k, v, positions):
-        """Store k, v (B, n_kv_heads, T, head_dim) at positions (T,); return the layer's keys and values at all n_ctx
-        positions (the attention masks out those not written yet)."""
+        """Store k, v (B, n_kv_heads, T, head_dim) at positions (T,); return the layer's keys and values at the first
+        self.length positions (the attention masks out those not written yet)."""
         self.k[layer][:, :, positions] = k
         self.v[layer][:, :, positions] = v
-        return self.k[layer], self.v[layer]
+        return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
 
 
 class Attention(nn.Module):
@@ -126,7 +127,7 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # the cache's n_ctx positions, masked to those at or before each token's own
+        else:  # the cache's first cache.length positions, masked to those at or before each token's own
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -242,7 +243,7 @@ class GPT(nn.Module):
             cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         else:  # positions as a tensor, not a Python number: one compiled decode step serves every position
             positions = cache.pos + torch.arange(T, device=idx.device)
-            mask = torch.arange(self.config.n_ctx, device=idx.device) <= positions[:, None]
+            mask = torch.arange(cache.length, device=idx.device) <= positions[:, None]
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
         x = self.embed(idx)
         for block in self.blocks:
@@ -290,7 +291,7 @@ class GPT(nn.Module):
         time against a KVCache preallocated for n_ctx positions, the tokens written into a preallocated
         output; the device is asked whether every row has finished only every FINISHED_EVERY tokens.
         compile=True runs the decode step through torch.compile (CUDA graphs on a GPU): it pays once the
-        compilation (seconds to tens of seconds, once per batch size) is spread over enough tokens; see README.
+        compilation (seconds to tens of seconds, once per batch size and ATTEND_BUCKET of positions) is spread over enough tokens; see README.
         use_cache=False recomputes the whole sequence at each step (the reference the cache is tested against).
         """
         B, T = idx.shape
@@ -311,6 +312,7 @@ class GPT(nn.Module):
         out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=device)
         out[:, :T] = idx
         finished = torch.zeros(B, dtype=torch.bool, device=device)
+        cache.length = attended(T, self.config.n_ctx)
         logits = self.lm_head(self.hidden_states(idx, cache)[:, -1]).float()
         n = max_new_tokens
         for i in range(max_new_tokens):
@@ -322,6 +324,7 @@ class GPT(nn.Module):
             if i + 1 == max_new_tokens or (eos_id is not None and (i + 1) % FINISHED_EVERY == 0 and finished.all()):
                 n = i + 1
                 break
+            cache.length = attended(T + i + 1, self.config.n_ctx)
             logits = step(next_token[:, None], cache)
         if eos_id is not None and finished.all():  # end where the last row finished, as a check after every token would
             every_row_done = (out[:, T:T + n] == eos_id).cummax(dim=1).values.all(dim=0)
@@ -331,8 +334,10 @@ class GPT(nn.Module):
     def _compiled_decode_step(self, device):
         """decode_step through torch.compile with fixed shapes: CUDA graphs on a GPU (mode reduce-overhead, the
         step's ~100 kernel launches replayed as one), fused C++ kernels on a CPU. Kept on the model: compiled
-        once per batch size and dtype, reused by later calls."""
+        once per batch size, dtype and attended length, reused by later calls."""
         mode = "reduce-overhead" if device.type == "cuda" else None
+        # each batch size compiles n_ctx / ATTEND_BUCKET steps; dynamo's default limit of 8 would fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         if getattr(self, "_compiled_step_mode", "unset") != mode:
             self._compiled_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
             self._compiled_step_mode = mode
@@ -354,6 +359,13 @@ class GPT(nn.Module):
         return out
 
 
+def attended(filled, n_ctx):
+    """How many cache positions a step reads once `filled` are written: the next multiple of ATTEND_BUCKET. Reading
+    all n_ctx doubled a batch-32 step of the 5M model on a CPU; one length per bucket keeps the compiled steps few."""
+    return min(n_ctx, -(-filled // ATTEND_BUCKET) * ATTEND_BUCKET)
+
+
+ATTEND_BUCKET = 128  # compile=True compiles one decode step per bucket: 4 for a context of 512
 FINISHED_EVERY = 32  # generate asks whether every row has finished once per this many tokens: each question
 # waits for the device (a GPU's queued work, a CPU's threads) and costs as much as a decode step at batch 1
 
