@@ -365,7 +365,7 @@ def attended(filled, n_ctx):
     return min(n_ctx, -(-filled // ATTEND_BUCKET) * ATTEND_BUCKET)
 
 
-ATTEND_BUCKET = 128  # compile=True compiles one decode step per bucket: 4 for a context of 512
+ATTEND_BUCKET = 64  # compile=True compiles one decode step per bucket: 8 for a context of 512
 FINISHED_EVERY = 32  # generate asks whether every row has finished once per this many tokens: each question
 # waits for the device (a GPU's queued work, a CPU's threads) and costs as much as a decode step at batch 1
 
