@@ -9,6 +9,7 @@ Usage:
   python bench.py optimizers   # steps to the AdamW-cosine run's final val loss: AdamW or Muon, cosine or warmup-stable-decay
   python bench.py mlp_width    # a training step with d_mlp = int(8 d_model / 3) against it rounded up to a multiple of 64
   python bench.py openers      # tokens per word at story and paragraph starts against elsewhere (no timing)
+  python bench.py sampling     # generate() against transformers' generate, batch 1 and 32, 400 new tokens
 """
 
 import os
@@ -315,9 +316,78 @@ def openers(stories="data/sample/stories.jsonl", tokenizer_file="tokenizers/samp
         f"{word} {len(tok.encode(word))}/{len(tok.encode(' ' + word))}" for word, _ in common))
 
 
+def llama_twin(model):
+    """transformers' LlamaForCausalLM with model's weights (export.py's mapping), SDPA attention, in eval mode."""
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from export import llama_state_dict
+
+    c = model.config
+    llama = LlamaForCausalLM(LlamaConfig(
+        vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.n_ctx, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True,
+        attn_implementation="sdpa"))
+    result = llama.load_state_dict(llama_state_dict(model.state_dict()), strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result
+    llama.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
+    return llama.to(next(model.parameters()).device).eval()
+
+
+def sampling(n_tokens=400, batch_sizes=(1, 32), rounds=3, device="cpu"):
+    """Greedy generation of n_tokens after an 8-token prompt with the 5M model (random weights, no EOS, so
+    that every run makes all n_tokens), batch 1 and batch 32: our generate(), eager and compiled, against
+    transformers' generate() on the same weights (its default dynamic cache, SDPA), timed in turns in one
+    process; the best of `rounds` runs each, after one warm-up run (for compile=True, the compilation: its
+    time is printed). Also the share of generated tokens on which ours and transformers agree (greedy
+    decoding diverges for good at the first near-tie that float noise flips)."""
+    import torch
+
+    from model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(suite_config("5m")).to(device).eval()
+    llama = llama_twin(model)
+    for batch_size in batch_sizes:
+        idx = torch.randint(0, model.config.d_vocab, (batch_size, 8), generator=torch.Generator().manual_seed(1)).to(device)
+        runs = {
+            "ours eager": lambda: model.generate(idx, n_tokens, temperature=0),
+            "ours compiled": lambda: model.generate(idx, n_tokens, temperature=0, compile=True),
+            "transformers": lambda: llama.generate(idx, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False),
+        }
+
+        def timed(fn):
+            if device != "cpu":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = fn()
+            if device != "cpu":
+                torch.cuda.synchronize()
+            return out, time.perf_counter() - t0
+
+        outputs, times, warmup = {}, {name: [] for name in runs}, {}
+        for name, fn in runs.items():
+            outputs[name], warmup[name] = timed(fn)
+            assert outputs[name].shape == (batch_size, 8 + n_tokens), (name, outputs[name].shape)
+        for _ in range(rounds):
+            for name, fn in runs.items():
+                times[name].append(timed(fn)[1])
+        rate = {name: batch_size * n_tokens / min(t) for name, t in times.items()}
+        head = f"sampling 5m {device}, batch {batch_size}, {n_tokens} tokens:"
+        print(f"{head} " + ", ".join(f"{name} {rate[name]:.0f} tokens/s" for name in runs))
+        for name in ("ours eager", "ours compiled"):
+            print(f"{head} {name} is {rate[name] / rate['transformers']:.2f}x as fast as transformers")
+        print(f"{head} first compiled call {warmup['ours compiled']:.1f} s, a compiled run after it {min(times['ours compiled']):.2f} s")
+        ours, eager, theirs = outputs["ours compiled"][:, 8:], outputs["ours eager"][:, 8:], outputs["transformers"][:, 8:]
+        same = (ours == theirs).float().mean().item()
+        diverged = (ours != theirs).cumsum(dim=1).bool().float().mean().item()
+        print(f"{head} compiled and eager agree on {(ours == eager).float().mean().item():.1%} of tokens; "
+              f"ours and transformers on {same:.1%}, {diverged:.1%} after the first difference in a row")
+
+
 if __name__ == "__main__":
     benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache,
-                  "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers}
+                  "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers, "sampling": sampling}
     if len(sys.argv) != 2 or sys.argv[1] not in benchmarks:
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}}")
     benchmarks[sys.argv[1]]()

@@ -112,21 +112,24 @@ def make_norm(config):
 
 
 class KVCache:
-    """Keys and values of every layer for up to n_ctx positions, filled as generation goes."""
+    """Keys and values of every layer for all n_ctx positions, allocated once and written in place, so that a
+    decode step has the same shapes at every position (what torch.compile and CUDA graphs need). pos: a
+    one-element tensor, the number of positions already stored; forward moves it on."""
 
-    def __init__(self, config, batch_size):
-        self.shape = (config.n_layers, batch_size, config.n_kv_heads, config.n_ctx, config.head_dim)
-        self.k = self.v = None
-        self.pos = 0  # number of positions already stored
+    def __init__(self, config, batch_size, dtype, device):
+        # one tensor a layer: a write into a slice of one big tensor is compiled as a copy of all of it
+        shape = (batch_size, config.n_kv_heads, config.n_ctx, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.n_layers)]
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.length = config.n_ctx  # the positions attention reads: generate keeps it a bucket above those filled
 
-    def update(self, layer, k, v):
-        """Store k, v (B, n_kv_heads, T, head_dim) at the current position; return all keys and values so far."""
-        if self.k is None:  # allocated at first use, in the dtype the layers compute in (bf16 under autocast)
-            self.k, self.v = k.new_zeros(self.shape), v.new_zeros(self.shape)
-        end = self.pos + k.size(2)
-        self.k[layer, :, :, self.pos:end] = k
-        self.v[layer, :, :, self.pos:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+    def update(self, layer, k, v, positions):
+        """Store k, v (B, n_kv_heads, T, head_dim) at positions (T,); return the layer's keys and values at the first
+        self.length positions (the attention masks out those not written yet)."""
+        self.k[layer][:, :, positions] = k
+        self.v[layer][:, :, positions] = v
+        return self.k[layer][:, :, :self.length], self.v[layer][:, :, :self.length]
 
 
 class Attention(nn.Module):
@@ -139,14 +142,14 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache=None):
+    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, k, v)
+            k, v = cache.update(self.layer, k, v, positions)
         # each group of n_heads / n_kv_heads query heads shares one key/value head. SDPA's enable_gqa
         # reads them in place, but only its flash kernels (on CPU, and on CUDA in 16-bit) honour it;
         # for float32 on a GPU the heads are repeated, which keeps the memory-efficient kernel
@@ -154,13 +157,9 @@ class Attention(nn.Module):
         if not gqa:
             n_rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        if T == k.size(2):  # no earlier positions: plain causal attention
+        if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        elif T == 1:  # one new token attends to everything before it
-            y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
-        else:  # several new tokens after a filled cache: causal mask shifted by the cache length
-            offset = k.size(2) - T
-            mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=offset)
+        else:  # the cache's first cache.length positions, masked to those at or before each token's own
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -221,8 +220,8 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, positions, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -254,18 +253,10 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None, cache=None):
         """idx (B, T) token ids -> logits (B, T, d_vocab) and, with targets (B, T; -1 ignored), the mean cross-entropy.
-        With targets and gradients on (training), the logits are None: LinearCrossEntropy never makes them whole."""
+        With targets and gradients on (training), the logits are None: LinearCrossEntropy never makes them whole.
+        With a KVCache, idx continues the positions stored in it (the caller keeps them within n_ctx)."""
         B, T = idx.shape
-        pos = cache.pos if cache is not None else 0
-        if pos + T > self.config.n_ctx:
-            raise ValueError(f"sequence of {pos + T} tokens is longer than the context n_ctx={self.config.n_ctx}")
-        cos, sin = self.rope_cos[pos:pos + T], self.rope_sin[pos:pos + T]
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, cos, sin, cache)
-        if cache is not None:
-            cache.pos += T
-        x = self.norm(x)
+        x = self.hidden_states(idx, cache)
         if targets is not None and torch.is_grad_enabled():  # training: the loss without the (B, T, d_vocab) logits
             return None, LinearCrossEntropy.apply(x.view(B * T, -1), self.lm_head.weight, targets.reshape(-1))
         logits = self.lm_head(x)
@@ -273,6 +264,25 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
+
+    def hidden_states(self, idx, cache=None):
+        """The final-normed residual stream (B, T, d_model) of idx (B, T), continuing the positions in cache if any."""
+        T = idx.size(1)
+        positions = mask = None
+        if cache is None:
+            if T > self.config.n_ctx:
+                raise ValueError(f"sequence of {T} tokens is longer than the context n_ctx={self.config.n_ctx}")
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        else:  # positions as a tensor, not a Python number: one compiled decode step serves every position
+            positions = cache.pos + torch.arange(T, device=idx.device)
+            mask = torch.arange(cache.length, device=idx.device) <= positions[:, None]
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, cache, positions, mask)
+        if cache is not None:
+            cache.pos += T
+        return self.norm(x)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per parameter plus attention's 12 * n_layers * d_model * n_ctx (PaLM paper, appendix B)."""
@@ -310,29 +320,87 @@ class GPT(nn.Module):
             combined.load_state_dict(state)
         return combined
 
+    def decode_step(self, token, cache):
+        """float32 logits (B, d_vocab) of the token after token (B, 1), which goes at cache.pos; the cache is updated
+        in place. Its shapes do not depend on the position: generate(compile=True) compiles it once."""
+        return self.lm_head(self.hidden_states(token, cache)[:, -1]).float()
+
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_id=None,
-                 generator=None, use_cache=True):
+                 generator=None, use_cache=True, compile=False):
         """Continue each row of idx (B, T) by up to max_new_tokens tokens; returns (B, T + n).
 
         temperature 0 (or under GREEDY_BELOW) is greedy; top_k 0 and top_p 1.0 switch those filters
         off. A row that has produced eos_id is finished: it is padded with eos_id until every row is
-        done or the context (n_ctx) is full. use_cache=False recomputes the whole sequence at each step (the
-        reference the KV cache is tested against).
+        done (n is then the step at which the last row finished) or the context (n_ctx) is full.
+
+        The prompt goes through the model once (lm_head on its last position only), then one token at a
+        time against a KVCache preallocated for n_ctx positions, the tokens written into a preallocated
+        output; the device is asked whether every row has finished only every FINISHED_EVERY tokens.
+        compile=True runs the decode step through torch.compile (CUDA graphs on a GPU): it pays once the
+        compilation (seconds to tens of seconds, once per batch size and ATTEND_BUCKET of positions) is spread over enough tokens; see README.
+        use_cache=False recomputes the whole sequence at each step (the reference the cache is tested against).
         """
-        max_new_tokens = min(max_new_tokens, self.config.n_ctx - idx.size(1))
-        cache = KVCache(self.config, idx.size(0)) if use_cache else None
+        B, T = idx.shape
+        max_new_tokens = min(max_new_tokens, self.config.n_ctx - T)
+        if not use_cache:
+            return self._generate_recomputing(idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator)
+        if max_new_tokens <= 0:
+            return idx
+        device = idx.device
+        # the layers compute in the autocast dtype when autocast is on (bf16 on a GPU), the weights' dtype otherwise
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.embed.weight.dtype
+        cache = KVCache(self.config, B, dtype, device)
+        step = self.decode_step
+        if compile:
+            step = self._compiled_decode_step(device)
+            for t in (*cache.k, *cache.v, cache.pos):  # written in place by the CUDA graph, not copied in and out
+                torch._dynamo.mark_static_address(t)
+        out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=device)
+        out[:, :T] = idx
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        cache.length = attended(T, self.config.n_ctx)
+        logits = self.lm_head(self.hidden_states(idx, cache)[:, -1]).float()
+        n = max_new_tokens
+        for i in range(max_new_tokens):
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)
+            if eos_id is not None:
+                next_token = torch.where(finished, eos_id, next_token)
+                finished |= next_token == eos_id
+            out[:, T + i] = next_token
+            if i + 1 == max_new_tokens or (eos_id is not None and (i + 1) % FINISHED_EVERY == 0 and finished.all()):
+                n = i + 1
+                break
+            cache.length = attended(T + i + 1, self.config.n_ctx)
+            logits = step(next_token[:, None], cache)
+        if eos_id is not None and finished.all():  # end where the last row finished, as a check after every token would
+            every_row_done = (out[:, T:T + n] == eos_id).cummax(dim=1).values.all(dim=0)
+            n = int(every_row_done.int().argmax()) + 1
+        return out[:, :T + n]
+
+    def _compiled_decode_step(self, device):
+        """decode_step through torch.compile with fixed shapes: CUDA graphs on a GPU (mode reduce-overhead, the
+        step's ~100 kernel launches replayed as one), fused C++ kernels on a CPU. Kept on the model: compiled
+        once per batch size, dtype and attended length, reused by later calls."""
+        mode = "reduce-overhead" if device.type == "cuda" else None
+        # each batch size compiles n_ctx / ATTEND_BUCKET steps; dynamo's default limit of 8 would fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        if getattr(self, "_compiled_step_mode", "unset") != mode:
+            self._compiled_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
+            self._compiled_step_mode = mode
+        return self._compiled_step
+
+    def _generate_recomputing(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator):
+        """generate without a cache: the whole sequence through the model at every step, the plain loop it stands for."""
         finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         out = idx
-        next_input = idx
-        for _ in range(max_new_tokens):
-            logits, _ = self(next_input if use_cache else out, cache=cache)
+        for _ in range(max(max_new_tokens, 0)):
+            logits, _ = self(out)
             next_token = sample_next(logits[:, -1, :].float(), temperature, top_k, top_p, generator)
             if eos_id is not None:
                 next_token = torch.where(finished, torch.full_like(next_token, eos_id), next_token)
                 finished |= next_token == eos_id
             out = torch.cat((out, next_token[:, None]), dim=1)
-            next_input = next_token[:, None]
             if eos_id is not None and finished.all():
                 break
         return out
@@ -373,6 +441,16 @@ class MuonAdamW:
         load_optimizer_state(self.muon, state["muon"])
         load_optimizer_state(self.adamw, state["adamw"])
 
+
+def attended(filled, n_ctx):
+    """How many cache positions a step reads once `filled` are written: the next multiple of ATTEND_BUCKET. Reading
+    all n_ctx doubled a batch-32 step of the 5M model on a CPU; one length per bucket keeps the compiled steps few."""
+    return min(n_ctx, -(-filled // ATTEND_BUCKET) * ATTEND_BUCKET)
+
+
+ATTEND_BUCKET = 64  # compile=True compiles one decode step per bucket: 8 for a context of 512
+FINISHED_EVERY = 32  # generate asks whether every row has finished once per this many tokens: each question
+# waits for the device (a GPU's queued work, a CPU's threads) and costs as much as a decode step at batch 1
 
 GREEDY_BELOW = 1e-5  # a temperature under this samples greedily: the distribution is the argmax already, and
 # dividing the logits by it could overflow to inf

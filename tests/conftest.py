@@ -17,6 +17,11 @@ TINY = ["--n_layers=2", "--d_model=64", "--n_heads=4", "--n_ctx=128", "--tokens_
         "--compile=False", "--dataset=sample", "--device=cpu"]
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes tens of seconds on two cores (torch.compile's first compilation); "
+                                       "-m 'not slow' leaves it out")
+
+
 def run(script, *args, cwd, env=None):
     """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, capture_output=True, text=True,

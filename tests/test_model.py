@@ -71,7 +71,7 @@ def test_kv_cache_logits_match_full_forward():
     model = small_model()
     idx = torch.randint(0, 97, (3, 30))
     full = model(idx)[0]
-    cache = KVCache(model.config, 3)
+    cache = KVCache(model.config, 3, torch.float32, "cpu")
     parts = [model(idx[:, :12], cache=cache)[0], model(idx[:, 12:20], cache=cache)[0]]
     parts += [model(idx[:, t:t + 1], cache=cache)[0] for t in range(20, 30)]
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
@@ -111,6 +111,53 @@ def test_generation_stops_at_eos_and_pads():
     row1 = free[1].tolist()
     end = row1.index(eos) if eos in row1[1:] else len(row1) - 1
     assert out[1, :end + 1].tolist() == row1[:end + 1]  # the other row is untouched until its own end
+
+
+def naive_greedy(model, idx, n):
+    """The reference generate stands for: the whole sequence through the model at every step, argmax of the last logits."""
+    for _ in range(n):
+        idx = torch.cat((idx, model(idx)[0][:, -1].argmax(dim=-1, keepdim=True)), dim=1)
+    return idx
+
+
+def test_generation_equals_naive_greedy_and_batch_rows_equal_single_rows():
+    from model import ATTEND_BUCKET
+
+    model = small_model(seed=4, n_ctx=2 * ATTEND_BUCKET)  # the steps cross from one attended length to the next
+    idx = torch.randint(0, 97, (3, 6), generator=torch.Generator().manual_seed(0))
+    out = model.generate(idx, ATTEND_BUCKET + 20, temperature=0)
+    assert torch.equal(out, naive_greedy(model, idx, ATTEND_BUCKET + 20))
+    for row in range(3):
+        assert torch.equal(model.generate(idx[row:row + 1], ATTEND_BUCKET + 20, temperature=0), out[row:row + 1])
+
+
+def test_generation_ends_where_the_last_row_finished():
+    from model import FINISHED_EVERY
+
+    model = small_model(seed=5, d_vocab=8)  # 8 tokens: every row meets the end-of-story token within a few steps
+    idx = torch.tensor([[1], [2], [3]])
+    free = model.generate(idx, 60, temperature=1.0, generator=torch.Generator().manual_seed(0))[:, 1:].tolist()
+    # the end-of-story token that every row meets, the last row latest but before the first check for finished rows
+    ends = {eos: max(row.index(eos) for row in free) for eos in range(8) if all(eos in row for row in free)}
+    eos, last = max(((e, j) for e, j in ends.items() if 0 < j < FINISHED_EVERY - 1), key=lambda item: item[1])
+    out = model.generate(idx, 60, temperature=1.0, eos_id=eos, generator=torch.Generator().manual_seed(0))
+    assert out.size(1) == 1 + last + 1  # trimmed to the step the last row finished at, not to the next check
+    for row, tokens in zip(out[:, 1:].tolist(), free):
+        end = tokens.index(eos)
+        assert row[:end + 1] == tokens[:end + 1] and set(row[end:]) == {eos}  # then padded with eos
+    reference = model.generate(idx, 60, temperature=1.0, eos_id=eos, generator=torch.Generator().manual_seed(0), use_cache=False)
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.slow
+def test_compiled_generation_equals_eager():
+    # torch.compile on the CPU: C++ kernels compiled the first time (~20-60 s on two cores), from inductor's cache after
+    model = small_model(seed=6, n_layers=1)
+    idx = torch.randint(0, 97, (2, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate(idx, 12, temperature=0, compile=True), model.generate(idx, 12, temperature=0))
+    sampled = [model.generate(idx, 12, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(3), compile=c)
+               for c in (True, False)]
+    assert torch.equal(*sampled)
 
 
 def test_top_k_and_top_p_filter():
