@@ -8,22 +8,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, TINY, one_error_line, run
+from conftest import TINY, one_error_line, run
 from model import GPT, GPTConfig
 from prepare import read_offsets, story_windows, window_tokens
 
-DATA = os.path.join(REPO, "data", "sample")
-
-
-def sample_bins():
-    meta = json.load(open(os.path.join(DATA, "meta.json")))
-    tokens = np.fromfile(os.path.join(DATA, "train.bin"), dtype="<u2")
-    return meta, tokens, read_offsets(DATA, "train")
+def sample_bins(workdir):
+    """meta.json, train.bin and its story offsets, as prepare.py wrote them for the sample corpus."""
+    data = str(workdir / "data" / "sample")
+    meta = json.load(open(os.path.join(data, "meta.json")))
+    tokens = np.fromfile(os.path.join(data, "train.bin"), dtype="<u2")
+    return meta, tokens, read_offsets(data, "train")
 
 
 @pytest.mark.parametrize("width", [65, 257, 513])
-def test_story_windows_start_at_bos_and_hold_whole_stories(width):
-    meta, tokens, offsets = sample_bins()
+def test_story_windows_start_at_bos_and_hold_whole_stories(workdir, width):
+    meta, tokens, offsets = sample_bins(workdir)
     lengths = dict(zip(offsets.tolist(), np.diff(offsets, append=len(tokens)).tolist()))
     packed = story_windows(offsets, len(tokens), width, 64, np.random.default_rng([1337, 3]))
     rows = window_tokens(tokens, packed, width)
@@ -44,8 +43,8 @@ def test_story_windows_start_at_bos_and_hold_whole_stories(width):
         assert (rows == -1).mean() < 0.15 and np.mean([len(s) for s in packed]) > 1.2
 
 
-def test_story_windows_depend_on_seed_and_step_only():
-    _, tokens, offsets = sample_bins()
+def test_story_windows_depend_on_seed_and_step_only(workdir):
+    _, tokens, offsets = sample_bins(workdir)
 
     def windows(seed, step):
         return story_windows(offsets, len(tokens), 129, 32, np.random.default_rng([seed, step]))
@@ -54,10 +53,10 @@ def test_story_windows_depend_on_seed_and_step_only():
     assert windows(1337, 5) != windows(1337, 6) and windows(1337, 5) != windows(7, 5)
 
 
-def test_padding_is_ignored_by_the_loss():
+def test_padding_is_ignored_by_the_loss(workdir):
     # a batch of story windows as train.py feeds it: inputs with padding read as token 0, targets -1 there. The loss
     # is the mean over the real tokens, each scored as if its row held nothing after them
-    meta, tokens, offsets = sample_bins()
+    meta, tokens, offsets = sample_bins(workdir)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layers=2, d_model=64, n_heads=4, n_ctx=512, d_vocab=meta["vocab_size"]))
     for p in model.parameters():
