@@ -6,10 +6,11 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from configurator import read_config
 from conftest import REPO
-from model import GPT, GPTConfig, apply_rope, rope_cos_sin
+from model import GPT, GPTConfig, apply_rope, decode_attention, rope_cos_sin
 
 MODEL_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx", "d_vocab", "rope_base", "norm_eps")
 SUITE = {"1.25m": 1_245_824, "5m": 5_374_208, "11m": 11_015_040, "30m": 29_627_904, "35m": 35_133_952}
@@ -323,3 +324,11 @@ def test_d_mlp_multiple_rounds_the_default_width_up():
     assert GPTConfig(d_model=256, d_mlp=300, d_mlp_multiple=64).d_mlp == 300  # a width given is kept
     with pytest.raises(ValueError, match="d_mlp_multiple=0"):
         GPTConfig(d_mlp_multiple=0)
+
+
+def test_decode_attention_equals_sdpa():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 16), torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    mask = torch.arange(40)[None, :] <= 27  # the cache holds 28 positions, 40 read
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
