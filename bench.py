@@ -94,9 +94,9 @@ def train_step(compile=None):
     from contextlib import nullcontext
 
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from configurator import bf16_is_fast
+    from export import llama_of
     from model import GPT
 
     auto = "bfloat16" if bf16_is_fast("cpu") else "float32"
@@ -107,10 +107,7 @@ def train_step(compile=None):
         c = suite_config(name)
         torch.manual_seed(0)
         ours = GPT(c)
-        llama = LlamaForCausalLM(LlamaConfig(
-            vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
-            num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.n_ctx,
-            rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True, attn_implementation="sdpa"))
+        llama = llama_of(ours, attn_implementation="sdpa")  # the same weights
         x, y = torch.randint(0, c.d_vocab, (8, 512)), torch.randint(0, c.d_vocab, (8, 512))
 
         def step_of(model, loss_of, compiled, dtype):
@@ -318,18 +315,11 @@ def openers(stories="data/sample/stories.jsonl", tokenizer_file="tokenizers/samp
 
 def llama_twin(model):
     """transformers' LlamaForCausalLM with model's weights (export.py's mapping), SDPA attention, in eval mode."""
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
-    from export import llama_state_dict
+    from export import llama_of
 
-    c = model.config
-    llama = LlamaForCausalLM(LlamaConfig(
-        vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.n_ctx, rms_norm_eps=c.norm_eps, rope_theta=c.rope_base, tie_word_embeddings=True,
-        attn_implementation="sdpa"))
-    result = llama.load_state_dict(llama_state_dict(model.state_dict()), strict=False)
-    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result
+    llama = llama_of(model, attn_implementation="sdpa")
     llama.generation_config = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
     return llama.to(next(model.parameters()).device).eval()
 

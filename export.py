@@ -122,6 +122,23 @@ def fast_tokenizer(tok):
     return fast
 
 
+def llama_of(model, **config):
+    """transformers' LlamaForCausalLM of our GPT model's shape, holding its weights (a norm-free model's scales
+    folded into RMSNorms of eps HUGE_EPS); config: more LlamaConfig fields (token ids, attn_implementation)."""
+    import transformers
+
+    c = model.config
+    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
+        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
+        max_position_embeddings=c.n_ctx, rms_norm_eps=c.norm_eps if c.norm == "rms" else HUGE_EPS, rope_theta=c.rope_base,
+        tie_word_embeddings=True, hidden_act="silu", attention_bias=False, mlp_bias=False, **config))
+    result = llama.load_state_dict(llama_state_dict(model.state_dict()), strict=False)
+    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
+        raise ValueError(f"the weights do not map onto LlamaForCausalLM: {result}")
+    return llama
+
+
 def export(out_dir, hf_dir, push_to_hub="", step=None):
     """Write the checkpoint in out_dir (or its snapshot of step) as a Hugging Face folder hf_dir (and upload it to
     push_to_hub)."""
@@ -133,14 +150,7 @@ def export(out_dir, hf_dir, push_to_hub="", step=None):
     if tok.sp is None:
         raise ValueError(f"{out_dir} was imported with a tokenizer.json; export the folder it came from instead")
     c = model.config
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
-        num_attention_heads=c.n_heads, num_key_value_heads=c.n_kv_heads, head_dim=c.head_dim,
-        max_position_embeddings=c.n_ctx, rms_norm_eps=c.norm_eps if c.norm == "rms" else HUGE_EPS, rope_theta=c.rope_base, tie_word_embeddings=True,
-        hidden_act="silu", attention_bias=False, mlp_bias=False, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id))
-    result = llama.load_state_dict(llama_state_dict(model.state_dict()), strict=False)
-    if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
-        raise ValueError(f"the weights do not map onto LlamaForCausalLM: {result}")
+    llama = llama_of(model, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     llama.generation_config = transformers.GenerationConfig(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
                                                             do_sample=True, temperature=0.8, top_k=50)
     hf_tokenizer = transformers.PreTrainedTokenizerFast(

@@ -318,7 +318,8 @@ class GPT(nn.Module):
             matrices, hidden = [p for p in self.parameters() if p.dim() >= 2], []
         else:
             hidden = [p for block in self.blocks for p in block.parameters() if p.dim() == 2]
-            matrices = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in set(map(id, hidden))]
+            hidden_ids = {id(p) for p in hidden}
+            matrices = [p for p in self.parameters() if p.dim() >= 2 and id(p) not in hidden_ids]
         adamw = torch.optim.AdamW([{"params": matrices, "weight_decay": weight_decay, "peak_lr": learning_rate},
                                    {"params": [p for p in self.parameters() if p.dim() < 2], "weight_decay": 0.0,
                                     "peak_lr": learning_rate}],
