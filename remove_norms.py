@@ -235,9 +235,12 @@ def main():
         "remove_norms": {**record, "val_loss": final, "steps_per_group": args.steps_per_group, "final_steps": args.final_steps,
                          "learning_rate": args.learning_rate, "batch_size": args.batch_size},
     }
-    os.makedirs(out, exist_ok=True)
-    with atomic_write(out_path) as f:
-        torch.save(state, f)
+    try:
+        os.makedirs(out, exist_ok=True)
+        with atomic_write(out_path) as f:
+            torch.save(state, f)
+    except OSError as e:
+        die(f"cannot write {out_path}: {e.strerror}; choose another --out")
     print(f"wrote {out_path}")
 
 
