@@ -332,3 +332,14 @@ def test_decode_attention_equals_sdpa():
     mask = torch.arange(40)[None, :] <= 27  # the cache holds 28 positions, 40 read
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(decode_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_decode_step_uses_cuda_graphs_on_a_gpu(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compiled.append(kwargs) or fn)
+    model = GPT(GPTConfig(n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, n_ctx=64, d_vocab=64))
+    assert model._compiled_decode_step(torch.device("cuda")) == model.decode_step
+    assert model._compiled_decode_step(torch.device("cuda")) == model.decode_step  # kept: compiled once
+    assert compiled == [{"mode": "reduce-overhead", "fullgraph": True, "dynamic": False}]
+    model._compiled_decode_step(torch.device("cpu"))  # no CUDA graphs on a CPU
+    assert compiled[-1]["mode"] is None and torch._dynamo.config.recompile_limit >= 64

@@ -2,13 +2,15 @@
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY, one_error_line, run
+from conftest import REPO, TINY, one_error_line, run
 from model import GPT, GPTConfig
 from prepare import read_offsets, story_windows, window_tokens
 
@@ -98,3 +100,15 @@ def test_story_windows_need_the_story_offsets(tmp_workdir):
     os.remove(tmp_workdir / "data" / "sample" / "train.idx")
     line = one_error_line(run("train.py", *TINY, "--windows=story", "--out_dir=out/x", cwd=tmp_workdir))
     assert "train.idx" in line and "prepare.py" in line
+
+
+def test_story_windows_on_a_gpu_pin_one_copy_per_batch(workdir, tmp_path):
+    cpu_free = [a for a in TINY if not a.startswith("--device")]
+    pinned = tmp_path / "pinned.json"
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "fake_cuda.py"), os.path.join(REPO, "train.py"), *cpu_free,
+                             "--device=cuda", "--windows=story", "--max_iters=3", "--eval_interval=3", "--out_dir=out/gpu_story"],
+                            cwd=workdir, capture_output=True, text=True, timeout=600, env={**os.environ, "FAKE_CUDA_PINNED": str(pinned)})
+    assert result.returncode == 0, result.stderr
+    assert "1 x cuda:0 bfloat16" in result.stdout and "story windows" in result.stdout
+    # three training batches, read by the background thread, and one val batch at each evaluation (steps 0 and 3)
+    assert json.load(open(pinned)) == {"main": 2, "other": 3}
