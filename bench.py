@@ -1,7 +1,7 @@
 """
 Benchmarks: one function per benchmark, named on the command line. Numbers go in BENCHMARKS.md.
 
-Usage:
+Usage (arguments of a benchmark's function may follow: python bench.py sampling device=cuda rounds=5):
   python bench.py generate     # generate_stories.py against a local server: requests/s against the ideal, memory
   python bench.py train_step   # a CPU training step of the 1.25M and 5M models against transformers' Llama
   python bench.py data_wait    # the share of a training step spent waiting for batches from the bins
@@ -10,6 +10,8 @@ Usage:
   python bench.py mlp_width    # a training step with d_mlp = int(8 d_model / 3) against it rounded up to a multiple of 64
   python bench.py openers      # tokens per word at story and paragraph starts against elsewhere (no timing)
   python bench.py sampling     # generate() against transformers' generate, batch 1 and 32, 400 new tokens
+  python bench.py gpu          # on a GPU: train.py on every suite config (tokens/s, MFU, memory, start-up, data wait),
+                               # torchrun, CUDA graphs, MLP width, Muon, then sampling on the GPU
 """
 
 import os
@@ -375,9 +377,105 @@ def sampling(n_tokens=400, batch_sizes=(1, 32), rounds=3, device="cpu"):
               f"ours and transformers on {same:.1%}, {diverged:.1%} after the first difference in a row")
 
 
+GPU_RUNS = [  # (name, config, micro-batch, flags): train.py as users run it on one GPU (bf16 autocast, compiled, fused AdamW)
+    *[(f"{c} batch 256", c, 256, ["--tokens_per_step=131072"]) for c in ("1.25m", "5m", "11m", "30m", "35m")],
+    ("5m recipe", "5m", 64, []),  # the config as it is: 32,768 tokens a step, one micro-step of 64
+    ("35m recipe", "35m", 32, []),  # two micro-steps of 32
+    ("5m torchrun", "5m", 64, []),
+    ("1.25m cuda graphs", "1.25m", 64, ["--compile_mode=reduce-overhead"]),
+    ("5m cuda graphs", "5m", 64, ["--compile_mode=reduce-overhead"]),
+    ("5m d_mlp x64", "5m", 64, ["--d_mlp_multiple=64"]),
+    ("5m muon", "5m", 64, ["--optimizer=muon"]),
+    ("1.25m recipe", "1.25m", 64, []),
+]
+
+
+REPO = os.path.dirname(os.path.abspath(__file__))
+PYTHON = [sys.executable]  # how gpu() starts a script (the tests start it on a fake GPU)
+
+
+def gpu_command(name, config, batch_size, flags, out_dir, max_iters):
+    """train.py on the sample bins; the val batches as large as the training ones (another shape would recompile)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if "torchrun" in name else PYTHON
+    return [*launcher, os.path.join(REPO, "train.py"), os.path.join(REPO, "configs", f"{config}.py"), "--dataset=sample", f"--out_dir={out_dir}", f"--max_iters={max_iters}",
+            f"--batch_size={batch_size}", f"--eval_seqs={batch_size}", f"--eval_interval={max_iters}", "--log_interval=10",
+            "--sample_tokens=0", *flags]
+
+
+def run_timed(command, timeout):
+    """Runs command; returns (return code, seconds to its first 'step N: loss' line or None, stderr's last line)."""
+    t0, first = time.time(), None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        timer = threading.Timer(timeout, p.kill)
+        timer.start()
+        errors = []
+        reader = threading.Thread(target=lambda: errors.extend(p.stderr), daemon=True)
+        reader.start()
+        for line in p.stdout:
+            if first is None and ": loss " in line:
+                first = time.time() - t0
+        p.wait()
+        timer.cancel()
+        reader.join(5)
+    tail = next((e.strip() for e in reversed(errors) if e.strip()), "")
+    return p.returncode, first, tail
+
+
+def gpu(max_iters=40, warm_workers=7, timeout=240, with_sampling=True, cold="5m recipe"):
+    """The GPU table: every run of GPU_RUNS as train.py on the sample bins for max_iters steps, after one cold run
+    (the run named cold, alone, for 20 steps: its start-up includes compiling) and a warm-up of the others, two steps
+    each, warm_workers at a time, which fills torch.compile's caches: the timed runs after it, one at a time, start
+    from them. Per run: the median over the log lines after the first (which holds compilation) of tokens/s, MFU
+    and the share of the step spent waiting for data, the peak memory, the seconds to the first log line, and the
+    last training loss (the sample bins are small: it shows the run learns, not how well). Then
+    (with_sampling) sampling on the GPU, its compiled steps warmed up with the runs."""
+    import json
+
+    import numpy as np
+    import torch
+
+    print(f"gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
+    root = tempfile.mkdtemp()
+    code, first, tail = run_timed(gpu_command(*next(r for r in GPU_RUNS if r[0] == cold), f"{root}/cold", 20), timeout)
+    if code:
+        sys.exit(f"gpu: the cold run ({cold}) failed: {tail}")
+    print(f"gpu: {cold}, cold start (compiling): first log line (step 10) after {first:.1f} s", flush=True)
+    from concurrent.futures import ThreadPoolExecutor
+    t0 = time.time()
+    warm_ups = {r[0]: gpu_command(*r, f"{root}/warm {r[0]}", 2) for r in GPU_RUNS if r[0] != cold}
+    if with_sampling:
+        warm_ups["sampling"] = [*PYTHON, os.path.join(REPO, "bench.py"), "sampling", "device=cuda", "rounds=1"]
+    with ThreadPoolExecutor(warm_workers) as pool:
+        warm = dict(zip(warm_ups, pool.map(lambda command: run_timed(command, timeout), warm_ups.values())))
+    print(f"gpu: warm-up of {len(warm_ups)} commands, {warm_workers} at a time, {time.time() - t0:.0f} s; failed: "
+          f"{[(name, w[2]) for name, w in warm.items() if w[0]] or 'none'}", flush=True)
+    print("| run | ms/step | tokens/s | MFU | data wait | peak memory | first log line | last loss |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for run in GPU_RUNS:
+        name, out_dir = run[0], f"{root}/{run[0]}"
+        code, first, tail = run_timed(gpu_command(*run, out_dir, max_iters), timeout)
+        if code:
+            print(f"| {name} | failed: {tail} | | | | | | |", flush=True)
+            continue
+        steps = [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "tokens_per_s" in r][1:]
+        ms, rate, mfu, wait = (np.median([r[k] or 0 for r in steps]) for k in ("ms_per_step", "tokens_per_s", "mfu", "data_wait"))
+        print(f"| {name} | {ms:.1f} | {rate:,.0f} | {100 * mfu:.1f}% | {100 * wait:.2f}% | {steps[-1]['peak_memory_gb']:.2f} GB "
+              f"| {first:.1f} s | {steps[-1]['loss']:.3f} |", flush=True)
+    if with_sampling:
+        sampling(device="cuda")
+
+
 if __name__ == "__main__":
+    import ast
+
     benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache,
-                  "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers, "sampling": sampling}
-    if len(sys.argv) != 2 or sys.argv[1] not in benchmarks:
-        sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}}")
-    benchmarks[sys.argv[1]]()
+                  "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers, "sampling": sampling, "gpu": gpu}
+    if len(sys.argv) < 2 or sys.argv[1] not in benchmarks or not all("=" in a for a in sys.argv[2:]):
+        sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}} [argument=value ...]")
+
+    def value(text):
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text  # a word: a string
+    benchmarks[sys.argv[1]](**{k: value(v) for k, v in (a.split("=", 1) for a in sys.argv[2:])})

@@ -96,6 +96,7 @@ wandb_run_name = ""  # Weights & Biases run name; "": out_dir's name
 device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 autocast on a GPU that has it or a CPU with AMX, else float32), 'float32', 'bfloat16'
 compile = True  # torch.compile the model
+compile_mode = "default"  # torch.compile's mode: 'default', or 'reduce-overhead' (CUDA graphs: fewer kernel launches for tiny models on a GPU)
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in PEAK_FLOPS
 seed = 1337  # seeds the weights, the batches and the samples
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +117,7 @@ CHECKS = [  # the range of each setting, checked once the command line and a res
     (("norm",), lambda v: v in ("rms", "none"), "'rms' (RMSNorm) or 'none' (no normalization)"),
     (("dtype",), lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     (("windows",), lambda v: v in ("random", "story"), "'random' or 'story'"),
+    (("compile_mode",), lambda v: v in ("default", "reduce-overhead"), "'default' or 'reduce-overhead'"),
     (("keep_checkpoints",), lambda v: v in ("", "log") or re.fullmatch(r"linear:[1-9][0-9]*", v),
      "'' (none), 'log' or 'linear:N' with N at least 1"),
 ]
@@ -330,7 +332,8 @@ if checkpoint is not None:
     if device_type == "cuda" and len(checkpoint["rng"]["cuda"]):
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
 checkpoint = None  # free the memory
-model = torch.compile(raw_model) if compile else raw_model
+model = torch.compile(raw_model, mode=compile_mode) if compile else raw_model
+cuda_graphs = compile and compile_mode == "reduce-overhead" and device_type == "cuda"
 eval_model = model
 if ddp:
     # the only buffers are the RoPE tables and FixedNorm scales, the same on every rank: no need to sync them before each forward
@@ -410,6 +413,8 @@ def evaluate():
     sums = torch.zeros(4, device=device)  # nats, tokens, nats on text tokens, their bytes (float32: MPS has no float64)
     for i in range(0, len(starts), batch_size):
         x, y = to_device(pinned(np.stack([data[s:s + n_ctx + 1] for s in starts[i:i + batch_size]])))
+        if cuda_graphs:  # a new replay: the last one's outputs are used up
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             logits, _ = eval_model(x)
         nll = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
@@ -528,6 +533,8 @@ while True:
         data_wait += time.time() - t_wait
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro_step == grad_accum - 1
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = model(x, y)[1]
         (loss / grad_accum).backward()
@@ -556,11 +563,12 @@ while True:
         tokens_per_s = tokens_per_step / dt
         mfu = flops_per_step / dt / peak if peak else None
         eta_s = (max_iters - iter_num) * ms_per_step / 1000
+        peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None  # since the start
         log({"step": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms_per_step": dt * 1000,
-             "tokens_per_s": tokens_per_s, "mfu": mfu, "data_wait": data_share, "eta_s": eta_s},
+             "tokens_per_s": tokens_per_s, "mfu": mfu, "data_wait": data_share, "peak_memory_gb": peak_gb, "eta_s": eta_s},
             f"step {iter_num}: loss {loss_value:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {dt * 1000:.0f} ms/step | "
             f"{tokens_per_s:,.0f} tokens/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | data wait {100 * data_share:.1f}% | "
-            f"ETA {eta_s / 60:.1f} min")
+            + ("" if peak_gb is None else f"{peak_gb:.2f} GB | ") + f"ETA {eta_s / 60:.1f} min")
 
 if master:
     log_file.close()

@@ -8,9 +8,10 @@ torch.cuda says a GPU is there, and the calls that would reach the driver are st
 torch makes in Python before them stay real: torch.cuda.set_device("cuda") is refused as it is on
 a GPU, for want of an index. Tensors asked for on "cuda" are made on the CPU (a TorchFunctionMode
 rewrites the device of every torch call, in the main thread), pin_memory() returns its tensor in any
-thread and counts it (written at exit as {"main": N, "other": M} threads to the file named by the
-environment variable FAKE_CUDA_PINNED, if set), and autocast for "cuda" is autocast for the CPU, in the same bfloat16. NCCL cannot be faked: DDP is not
-covered here.
+thread, and autocast for "cuda" is autocast for the CPU, in the same bfloat16. Calls are counted and written
+at exit, as JSON, to the file named by the environment variable FAKE_CUDA_COUNTS, if set: pin_memory() in the
+main thread ("pinned main") and in others ("pinned other"), and torch.compiler.cudagraph_mark_step_begin()
+("cuda graph steps"). NCCL cannot be faked: DDP is not covered here.
 """
 
 import atexit
@@ -53,6 +54,8 @@ def install():
     torch.cuda.get_device_name = lambda device=None: GPU_NAME
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.set_rng_state = lambda state, device="cuda": None
+    torch.cuda.max_memory_allocated = lambda device=None: 3 * 2**29  # 1.5 GB
+    torch._C._cuda_cudaCachingAllocator_is_enabled = lambda: True  # asked by compile's mode reduce-overhead (CUDA graphs)
     cpu_autocast = torch.autocast
     torch.autocast = lambda device_type, **kwargs: cpu_autocast(on_cpu(device_type), **kwargs)
     cpu_generator = torch.Generator
@@ -62,15 +65,22 @@ def install():
             return cpu_generator(device=on_cpu(device))
 
     torch.Generator = Generator
-    pinned = {"main": 0, "other": 0}
+    counts = {"pinned main": 0, "pinned other": 0, "cuda graph steps": 0}
 
     def pin_memory(tensor, *args, **kwargs):
-        pinned["main" if threading.current_thread() is threading.main_thread() else "other"] += 1
+        counts["pinned main" if threading.current_thread() is threading.main_thread() else "pinned other"] += 1
         return tensor
 
     torch.Tensor.pin_memory = pin_memory
-    if os.environ.get("FAKE_CUDA_PINNED"):
-        atexit.register(lambda: json.dump(pinned, open(os.environ["FAKE_CUDA_PINNED"], "w")))
+    mark_step_begin = torch.compiler.cudagraph_mark_step_begin
+
+    def cudagraph_mark_step_begin():
+        counts["cuda graph steps"] += 1
+        mark_step_begin()
+
+    torch.compiler.cudagraph_mark_step_begin = cudagraph_mark_step_begin
+    if os.environ.get("FAKE_CUDA_COUNTS"):
+        atexit.register(lambda: json.dump(counts, open(os.environ["FAKE_CUDA_COUNTS"], "w")))
 
 
 if __name__ == "__main__":

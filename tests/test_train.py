@@ -159,6 +159,7 @@ def test_sample_prints_stories(workdir):
     (["--decay_fraction=1.5"], "decay_fraction=1.5 must be between 0 and 1"),
     (["--muon_momentum=1.0"], "muon_momentum=1.0 must be at least 0 and below 1"),
     (["--d_mlp_multiple=0"], "d_mlp_multiple=0 must be at least 1"),
+    (["--compile_mode=max-autotune"], "compile_mode='max-autotune' must be 'default' or 'reduce-overhead'"),
 ])
 def test_bad_settings(tmp_workdir, args, message):
     result = run("train.py", *TINY, *args, cwd=tmp_workdir)
@@ -230,15 +231,28 @@ def test_readme_gpu_command_starts_on_one_gpu(workdir, tmp_path):
     # `python train.py configs/5m.py` with only what makes it small enough for a CPU
     result = fake_gpu(workdir, "train.py", os.path.join(REPO, "configs", "5m.py"), "--dataset=sample", "--out_dir=out/gpu", "--max_iters=2",
                       "--tokens_per_step=2048", "--eval_interval=2", "--eval_seqs=2", "--log_interval=1", "--warmup_iters=1",
-                      "--sample_tokens=8", "--compile=False", env={"FAKE_CUDA_PINNED": str(tmp_path / "pinned.json")})
+                      "--sample_tokens=8", "--compile=False", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
     assert result.returncode == 0, result.stderr
     assert "5,374,208 parameters | 1 x cuda:0 bfloat16" in result.stdout and "Warning" not in result.stderr
     steps = [r for r in log(workdir, "out/gpu") if "loss" in r]
     assert len(steps) == 2 and all(0 < r["mfu"] < 1 for r in steps)  # the H100's peak came from the table
+    assert all(r["peak_memory_gb"] == 1.5 for r in steps) and "| 1.50 GB |" in result.stdout
     ckpt = torch.load(workdir / "out" / "gpu" / "ckpt.pt", weights_only=True)
     assert all(group["fused"] for group in ckpt["optimizer"]["param_groups"]) and len(ckpt["rng"]["cuda"]) > 0
     # one pinned copy per batch: the two training batches, by the background reader, and the val batch of each evaluation
-    assert json.load(open(tmp_path / "pinned.json")) == {"main": 2, "other": 2}
+    assert json.load(open(tmp_path / "counts.json")) == {"pinned main": 2, "pinned other": 2, "cuda graph steps": 0}
+
+
+@pytest.mark.slow
+def test_cuda_graphs_mode_marks_each_replay_on_a_gpu(workdir, tmp_path):
+    # compile_mode=reduce-overhead: each forward (training micro-step or val batch) starts a new CUDA graph replay
+    tiny = [a for a in TINY if a not in ("--device=cpu", "--compile=False")]
+    result = fake_gpu(workdir, "train.py", *tiny, "--out_dir=out/graphs", "--max_iters=4", "--batch_size=4", "--eval_interval=2",
+                      "--compile_mode=reduce-overhead", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
+    assert result.returncode == 0, result.stderr
+    assert "1 x cuda:0 bfloat16 | compile=True" in result.stdout and [r["step"] for r in log(workdir, "out/graphs")][-1] == 4
+    # 4 steps of 2 micro-steps, and 3 evaluations (steps 0, 2, 4) of 2 val batches
+    assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == 4 * 2 + 3 * 2
 
 
 def test_cpu_checkpoint_resumes_on_a_gpu_and_samples_there(workdir):

@@ -104,11 +104,11 @@ def test_story_windows_need_the_story_offsets(tmp_workdir):
 
 def test_story_windows_on_a_gpu_pin_one_copy_per_batch(workdir, tmp_path):
     cpu_free = [a for a in TINY if not a.startswith("--device")]
-    pinned = tmp_path / "pinned.json"
+    counts = tmp_path / "counts.json"
     result = subprocess.run([sys.executable, os.path.join(REPO, "tests", "fake_cuda.py"), os.path.join(REPO, "train.py"), *cpu_free,
                              "--device=cuda", "--windows=story", "--max_iters=3", "--eval_interval=3", "--out_dir=out/gpu_story"],
-                            cwd=workdir, capture_output=True, text=True, timeout=600, env={**os.environ, "FAKE_CUDA_PINNED": str(pinned)})
+                            cwd=workdir, capture_output=True, text=True, timeout=600, env={**os.environ, "FAKE_CUDA_COUNTS": str(counts)})
     assert result.returncode == 0, result.stderr
     assert "1 x cuda:0 bfloat16" in result.stdout and "story windows" in result.stdout
     # three training batches, read by the background thread, and one val batch at each evaluation (steps 0 and 3)
-    assert json.load(open(pinned)) == {"main": 2, "other": 3}
+    assert json.load(open(counts)) == {"pinned main": 2, "pinned other": 3, "cuda graph steps": 0}

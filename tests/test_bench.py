@@ -1,0 +1,31 @@
+"""bench.py's GPU table, run on a CPU posing as a GPU (tests/fake_cuda.py): the runs start, the table is read
+from their logs, and a run that fails is reported in its row while the others go on."""
+
+import re
+import sys
+
+import torch
+
+import bench
+from conftest import REPO
+
+
+def test_gpu_table_reads_each_run_from_its_log(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    monkeypatch.setattr(bench, "PYTHON", [sys.executable, f"{REPO}/tests/fake_cuda.py"])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    small = ["--n_layers=2", "--d_model=64", "--n_ctx=128", "--tokens_per_step=1024", "--compile=False"]
+    monkeypatch.setattr(bench, "GPU_RUNS", [("tiny", "1.25m", 8, small), ("tiny x2", "1.25m", 4, small),
+                                            ("bad", "1.25m", 8, [*small, "--n_ctx=100"])])
+    bench.gpu(max_iters=40, warm_workers=2, with_sampling=False, cold="tiny")
+    out = capsys.readouterr().out
+    assert re.search(r"tiny, cold start \(compiling\): first log line \(step 10\) after \d+\.\d s", out), out
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ")}
+    for name in ("tiny", "tiny x2"):  # one micro-step and two
+        ms, rate, mfu, wait, memory, first, loss = rows[name]
+        # the medians of three log lines (the first holds the warm-up) are of the same line: 1,024 tokens in ms
+        assert float(ms) > 0 and abs(1000 * 1024 / float(rate.replace(",", "")) - float(ms)) <= 0.051
+        assert re.fullmatch(r"\d+\.\d%", mfu) and 0 <= float(wait.rstrip("%")) < 100  # the MFU of a CPU against an H100: 0.0%
+        assert memory == "1.50 GB" and float(first.split()[0]) > 0  # fake_cuda's max_memory_allocated
+        assert loss.endswith(" |") and 7 < float(loss[:-2]) < 9  # about ln(4096) = 8.3 after 40 steps of warm-up
+    assert rows["bad"][0].startswith("failed: error: tokens_per_step=1024 is not a multiple of n_ctx")
