@@ -421,46 +421,36 @@ def run_timed(command, timeout):
     return p.returncode, first, tail
 
 
-def gpu(max_iters=40, warm_workers=7, timeout=240, with_sampling=True, cold="5m recipe"):
-    """The GPU table: every run of GPU_RUNS as train.py on the sample bins for max_iters steps, after one cold run
-    (the run named cold, alone, for 20 steps: its start-up includes compiling) and a warm-up of the others, two steps
-    each, warm_workers at a time, which fills torch.compile's caches: the timed runs after it, one at a time, start
-    from them. Per run: the median over the log lines after the first (which holds compilation) of tokens/s, MFU
-    and the share of the step spent waiting for data, the peak memory, the seconds to the first log line, and the
-    last training loss (the sample bins are small: it shows the run learns, not how well). Then
-    (with_sampling) sampling on the GPU, its compiled steps warmed up with the runs."""
+def gpu(runs="", max_iters=40, timeout=240, with_sampling=True):
+    """The GPU table: the runs of GPU_RUNS (all, or those named in runs, comma-separated) as train.py on the sample
+    bins for max_iters steps each, one at a time, each from a cold start (it compiles: ~25-50 s on an H200 machine).
+    Per run: the median over the log lines after the first (which holds compilation) of tokens/s, MFU and the share of
+    the step spent waiting for data, the peak memory, the seconds to the first log line (start-up, compilation and 10
+    steps), and the last training loss (the sample bins are small: it shows the run learns, not how well). Then (with_sampling)
+    sampling on the GPU."""
     import json
 
     import numpy as np
     import torch
 
+    chosen = [r for r in GPU_RUNS if not runs or r[0] in runs.split(",")]
+    unknown = set(runs.split(",")) - {r[0] for r in GPU_RUNS} if runs else set()
+    if unknown:
+        sys.exit(f"gpu: no run named {', '.join(sorted(unknown))}; the runs are {', '.join(r[0] for r in GPU_RUNS)}")
     print(f"gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
-    root = tempfile.mkdtemp()
-    code, first, tail = run_timed(gpu_command(*next(r for r in GPU_RUNS if r[0] == cold), f"{root}/cold", 20), timeout)
-    if code:
-        sys.exit(f"gpu: the cold run ({cold}) failed: {tail}")
-    print(f"gpu: {cold}, cold start (compiling): first log line (step 10) after {first:.1f} s", flush=True)
-    from concurrent.futures import ThreadPoolExecutor
-    t0 = time.time()
-    warm_ups = {r[0]: gpu_command(*r, f"{root}/warm {r[0]}", 2) for r in GPU_RUNS if r[0] != cold}
-    if with_sampling:
-        warm_ups["sampling"] = [*PYTHON, os.path.join(REPO, "bench.py"), "sampling", "device=cuda", "rounds=1"]
-    with ThreadPoolExecutor(warm_workers) as pool:
-        warm = dict(zip(warm_ups, pool.map(lambda command: run_timed(command, timeout), warm_ups.values())))
-    print(f"gpu: warm-up of {len(warm_ups)} commands, {warm_workers} at a time, {time.time() - t0:.0f} s; failed: "
-          f"{[(name, w[2]) for name, w in warm.items() if w[0]] or 'none'}", flush=True)
     print("| run | ms/step | tokens/s | MFU | data wait | peak memory | first log line | last loss |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
-    for run in GPU_RUNS:
-        name, out_dir = run[0], f"{root}/{run[0]}"
-        code, first, tail = run_timed(gpu_command(*run, out_dir, max_iters), timeout)
-        if code:
-            print(f"| {name} | failed: {tail} | | | | | | |", flush=True)
-            continue
-        steps = [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "tokens_per_s" in r][1:]
-        ms, rate, mfu, wait = (np.median([r[k] or 0 for r in steps]) for k in ("ms_per_step", "tokens_per_s", "mfu", "data_wait"))
-        print(f"| {name} | {ms:.1f} | {rate:,.0f} | {100 * mfu:.1f}% | {100 * wait:.2f}% | {steps[-1]['peak_memory_gb']:.2f} GB "
-              f"| {first:.1f} s | {steps[-1]['loss']:.3f} |", flush=True)
+    with tempfile.TemporaryDirectory() as root:
+        for run in chosen:
+            name, out_dir = run[0], os.path.join(root, run[0])
+            code, first, tail = run_timed(gpu_command(*run, out_dir, max_iters), timeout)
+            if code:
+                print(f"| {name} | failed: {tail} | | | | | | |", flush=True)
+                continue
+            steps = [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "tokens_per_s" in r][1:]
+            ms, rate, mfu, wait = (np.median([r[k] or 0 for r in steps]) for k in ("ms_per_step", "tokens_per_s", "mfu", "data_wait"))
+            print(f"| {name} | {ms:.1f} | {rate:,.0f} | {100 * mfu:.1f}% | {100 * wait:.2f}% | {steps[-1]['peak_memory_gb']:.2f} GB "
+                  f"| {first:.1f} s | {steps[-1]['loss']:.3f} |", flush=True)
     if with_sampling:
         sampling(device="cuda")
 
