@@ -245,14 +245,23 @@ def test_readme_gpu_command_starts_on_one_gpu(workdir, tmp_path):
 
 @pytest.mark.slow
 def test_cuda_graphs_mode_marks_each_replay_on_a_gpu(workdir, tmp_path):
-    # compile_mode=reduce-overhead: each forward (training micro-step or val batch) starts a new CUDA graph replay
+    # compile_mode=reduce-overhead: each forward (training step or val batch) starts a new CUDA graph replay
     tiny = [a for a in TINY if a not in ("--device=cpu", "--compile=False")]
-    result = fake_gpu(workdir, "train.py", *tiny, "--out_dir=out/graphs", "--max_iters=4", "--batch_size=4", "--eval_interval=2",
+    result = fake_gpu(workdir, "train.py", *tiny, "--out_dir=out/graphs", "--max_iters=4", "--batch_size=8", "--eval_interval=2",
                       "--compile_mode=reduce-overhead", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
     assert result.returncode == 0, result.stderr
     assert "1 x cuda:0 bfloat16 | compile=True" in result.stdout and [r["step"] for r in log(workdir, "out/graphs")][-1] == 4
-    # 4 steps of 2 micro-steps, and 3 evaluations (steps 0, 2, 4) of 2 val batches
-    assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == 4 * 2 + 3 * 2
+    # 4 steps of one micro-step, and 3 evaluations (steps 0, 2, 4) of one val batch
+    assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == 4 + 3
+
+
+def test_cuda_graphs_mode_refuses_gradient_accumulation(workdir):
+    # the next micro-step's replay would overwrite the gradients being summed: refused before anything is written
+    tiny = [a for a in TINY if a != "--device=cpu"]
+    result = fake_gpu(workdir, "train.py", *tiny, "--out_dir=out/graphs_accum", "--batch_size=4", "--compile=True",
+                      "--compile_mode=reduce-overhead")
+    assert "needs one micro-step per step on one device, not 2 x 1: set batch_size to tokens_per_step / n_ctx = 8" in one_error_line(result)
+    assert not (workdir / "out" / "graphs_accum").exists()
 
 
 def test_cpu_checkpoint_resumes_on_a_gpu_and_samples_there(workdir):
