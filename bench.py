@@ -10,6 +10,7 @@ Usage (arguments of a benchmark's function may follow: python bench.py sampling 
   python bench.py mlp_width    # a training step with d_mlp = int(8 d_model / 3) against it rounded up to a multiple of 64
   python bench.py openers      # tokens per word at story and paragraph starts against elsewhere (no timing)
   python bench.py sampling     # generate() against transformers' generate, batch 1 and 32, 400 new tokens
+  python bench.py profile      # the ops a compiled training step spends its time in (config=35m device=cuda batch_size=256)
   python bench.py gpu          # on a GPU: train.py on every suite config (tokens/s, MFU, memory, start-up, data wait),
                                # torchrun, CUDA graphs, MLP width, Muon, then sampling on the GPU
 """
@@ -377,6 +378,62 @@ def sampling(n_tokens=400, batch_sizes=(1, 32), rounds=3, device="cpu"):
               f"ours and transformers on {same:.1%}, {diverged:.1%} after the first difference in a row")
 
 
+def profile(config="5m", batch_size=8, device="cpu", steps=3, rows=20):
+    """Where a training step's time goes: a step of a suite config as train.py takes it (compiled, bf16 autocast
+    where dtype='auto' picks it, gradient clipping, AdamW, fused on a GPU), batch_size x 512 random tokens, under
+    torch.profiler for `steps` steps after two warm-up steps (the first compiles). Prints the time of a step,
+    its MFU on a GPU of configurator.PEAK_FLOPS, and the `rows` ops that take the most device time, their own time only."""
+    from contextlib import nullcontext
+
+    import torch
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    from configurator import bf16_is_fast
+    from model import GPT
+
+    on_gpu = device.startswith("cuda")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    model = GPT(suite_config(config)).to(device)
+    optimizer = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), fused=on_gpu)
+    compiled = torch.compile(model)
+    bf16 = bf16_is_fast(device.split(":")[0])
+    x, y = (torch.randint(0, model.config.d_vocab, (batch_size, model.config.n_ctx), device=device) for _ in range(2))
+
+    def step():
+        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext():
+            loss = compiled(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if on_gpu:
+            torch.cuda.synchronize()
+
+    t0 = time.perf_counter()
+    step()
+    print(f"profile {config} {device}: first step (compiling) {time.perf_counter() - t0:.1f} s", flush=True)
+    step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profiler(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        seconds = (time.perf_counter() - t0) / steps
+    tokens = batch_size * model.config.n_ctx
+    head = f"profile {config} {device}, {'bf16' if bf16 else 'float32'}, batch {batch_size} x {model.config.n_ctx}:"
+    line = f"{head} {seconds * 1000:.1f} ms a step, {tokens / seconds:,.0f} tokens/s"
+    if on_gpu:
+        from configurator import gpu_peak_flops
+        peak = gpu_peak_flops(device)
+        if peak:
+            line += f", MFU {model.flops_per_token() * tokens / seconds / peak:.1%}"
+    print(line)
+    sort = "self_device_time_total" if on_gpu else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80), flush=True)
+
+
 GPU_RUNS = [  # (name, config, micro-batch, flags): train.py as users run it on one GPU (bf16 autocast, compiled, fused AdamW)
     *[(f"{c} batch 256", c, 256, ["--tokens_per_step=131072"]) for c in ("1.25m", "5m", "11m", "30m", "35m")],
     ("5m recipe", "5m", 64, []),  # the config as it is: 32,768 tokens a step, one micro-step of 64
@@ -459,7 +516,8 @@ if __name__ == "__main__":
     import ast
 
     benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache,
-                  "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers, "sampling": sampling, "gpu": gpu}
+                  "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers, "sampling": sampling, "profile": profile,
+                  "gpu": gpu}
     if len(sys.argv) < 2 or sys.argv[1] not in benchmarks or not all("=" in a for a in sys.argv[2:]):
         sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}} [argument=value ...]")
 

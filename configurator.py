@@ -211,6 +211,21 @@ def bf16_is_fast(device_type):
     return False
 
 
+# bf16 dense tensor-core FLOP/s from the vendors' datasheets, matched against the device name in order
+PEAK_FLOPS = [
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+]
+
+
+def gpu_peak_flops(device):
+    """The dense bf16 FLOP/s of the GPU device (for MFU), looked up by its name in PEAK_FLOPS; 0.0 if it is not there."""
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0)
+
+
 def folder_problem(path):
     """Why the folder path could not be made or written into, or None; checked before long work, without
     making anything (the folder is made when the first file goes in)."""

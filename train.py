@@ -97,7 +97,7 @@ device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 autocast on a GPU that has it or a CPU with AMX, else float32), 'float32', 'bfloat16'
 compile = True  # torch.compile the model
 compile_mode = "default"  # torch.compile's mode: 'default', or 'reduce-overhead' (CUDA graphs on one GPU, one micro-step per step: fewer kernel launches for tiny models)
-peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in PEAK_FLOPS
+peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in configurator.PEAK_FLOPS
 seed = 1337  # seeds the weights, the batches and the samples
 # ----------------------------------------------------------------------------------------------
 DEFAULTS = {k: v for k, v in globals().items() if not k.startswith("_") and type(v) in (int, float, bool, str)}
@@ -120,11 +120,6 @@ CHECKS = [  # the range of each setting, checked once the command line and a res
     (("compile_mode",), lambda v: v in ("default", "reduce-overhead"), "'default' or 'reduce-overhead'"),
     (("keep_checkpoints",), lambda v: v in ("", "log") or re.fullmatch(r"linear:[1-9][0-9]*", v),
      "'' (none), 'log' or 'linear:N' with N at least 1"),
-]
-# bf16 dense tensor-core FLOP/s from the vendors' datasheets, matched against the device name in order
-PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
-    ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 ]
 # settings a resumed run must keep: those that decide which batches a step sees, and the model's shape
 FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "windows", "n_layers", "d_model", "n_heads", "n_kv_heads",
@@ -448,8 +443,7 @@ def device_peak_flops():
         return peak_flops
     if device_type != "cuda":
         return 0.0
-    name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0)
+    return configurator.gpu_peak_flops(device)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""bench.py's GPU table, run on a CPU posing as a GPU (tests/fake_cuda.py): the runs start, the table is read
-from their logs, a run that fails is reported in its row while the others go on, and runs can be chosen by name."""
+"""bench.py's GPU table and profile. The table runs on a CPU posing as a GPU (tests/fake_cuda.py): the runs start, it is
+read from their logs, a run that fails is reported in its row while the others go on, and runs can be chosen by
+name. The profile of a compiled step lists its ops, on the CPU, and reports MFU on the fake GPU."""
 
 import re
+import subprocess
 import sys
 
 import pytest
@@ -33,3 +35,20 @@ def test_gpu_table_reads_each_run_from_its_log(workdir, monkeypatch, capsys):
     assert [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| t")] == ["| tiny x2"]
     with pytest.raises(SystemExit, match="no run named tiny x3; the runs are tiny, tiny x2, bad"):
         bench.gpu(runs="tiny,tiny x3")
+
+
+def test_profile_lists_where_a_compiled_step_spends_its_time():
+    result = subprocess.run([sys.executable, f"{REPO}/bench.py", "profile", "config=1.25m", "batch_size=1", "steps=1", "rows=30"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("profile 1.25m cpu, "))
+    assert re.search(r"batch 1 x 512: \d+\.\d ms a step, [\d,]+ tokens/s$", line), line
+    assert "aten::mm" in result.stdout and "CompiledFxGraph" in result.stdout  # the matmuls, in the compiled step
+
+
+@pytest.mark.slow
+def test_profile_on_a_gpu_reports_mfu():
+    result = subprocess.run([sys.executable, f"{REPO}/tests/fake_cuda.py", f"{REPO}/bench.py", "profile", "config=1.25m",
+                             "device=cuda", "batch_size=1", "steps=1", "rows=5"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"profile 1.25m cuda, bf16, batch 1 x 512: .* tokens/s, MFU \d+\.\d%", result.stdout), result.stdout
