@@ -23,6 +23,8 @@ import tempfile
 import threading
 import time
 
+REPO = os.path.dirname(os.path.abspath(__file__))
+
 
 def generate(n_requests=2000):
     """n_requests chat completions through generate_stories.py at concurrency 64 against the local test
@@ -82,7 +84,7 @@ def suite_config(name):
     from configurator import read_config
     from model import GPTConfig
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.py")
+    path = os.path.join(REPO, "configs", f"{name}.py")
     settings = {key: value for key, value, _ in read_config(path)}
     return GPTConfig(**{k: settings[k] for k in ("n_layers", "d_model", "n_heads") if k in settings})
 
@@ -446,16 +448,15 @@ GPU_RUNS = [  # (name, config, micro-batch, flags): train.py as users run it on 
     ("1.25m recipe", "1.25m", 64, []),
 ]
 
-
-REPO = os.path.dirname(os.path.abspath(__file__))
 PYTHON = [sys.executable]  # how gpu() starts a script (the tests start it on a fake GPU)
 
 
 def gpu_command(name, config, batch_size, flags, out_dir, max_iters):
     """train.py on the sample bins; the val batches as large as the training ones (another shape would recompile)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"] if "torchrun" in name else PYTHON
-    return [*launcher, os.path.join(REPO, "train.py"), os.path.join(REPO, "configs", f"{config}.py"), "--dataset=sample", f"--out_dir={out_dir}", f"--max_iters={max_iters}",
-            f"--batch_size={batch_size}", f"--eval_seqs={batch_size}", f"--eval_interval={max_iters}", "--log_interval=10",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+    return [*(torchrun if "torchrun" in name else PYTHON), os.path.join(REPO, "train.py"), os.path.join(REPO, "configs", f"{config}.py"),
+            "--dataset=sample", f"--out_dir={out_dir}", f"--max_iters={max_iters}", f"--batch_size={batch_size}",
+            f"--eval_seqs={batch_size}", f"--eval_interval={max_iters}", "--log_interval=10",
             "--sample_tokens=0", *flags]
 
 
@@ -483,8 +484,8 @@ def gpu(runs="", max_iters=40, timeout=240, with_sampling=True):
     bins for max_iters steps each, one at a time, each from a cold start (it compiles: ~25-50 s on an H200 machine).
     Per run: the median over the log lines after the first (which holds compilation) of tokens/s, MFU and the share of
     the step spent waiting for data, the peak memory, the seconds to the first log line (start-up, compilation and 10
-    steps), and the last training loss (the sample bins are small: it shows the run learns, not how well). Then (with_sampling)
-    sampling on the GPU."""
+    steps), and the last training loss (the sample bins are small: it shows the run learns, not how well). Then
+    (with_sampling) sampling on the GPU."""
     import json
 
     import numpy as np

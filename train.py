@@ -96,7 +96,7 @@ wandb_run_name = ""  # Weights & Biases run name; "": out_dir's name
 device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 autocast on a GPU that has it or a CPU with AMX, else float32), 'float32', 'bfloat16'
 compile = True  # torch.compile the model
-compile_mode = "default"  # torch.compile's mode: 'default', or 'reduce-overhead' (CUDA graphs on one GPU, one micro-step per step: fewer kernel launches for tiny models)
+compile_mode = "default"  # 'default', or 'reduce-overhead': CUDA graphs, fewer launches for tiny models (one GPU, one micro-step)
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in configurator.PEAK_FLOPS
 seed = 1337  # seeds the weights, the batches and the samples
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +195,8 @@ batch_size = min(batch_size, seqs_per_device)
 if seqs_per_device % batch_size:
     die(f"batch_size={batch_size} does not divide the {seqs_per_device} sequences each device gets per step; change batch_size")
 grad_accum = seqs_per_device // batch_size
-if compile and compile_mode == "reduce-overhead" and device_type == "cuda" and (grad_accum > 1 or ddp):
+cuda_graphs = compile and compile_mode == "reduce-overhead" and device_type == "cuda"
+if cuda_graphs and (grad_accum > 1 or ddp):
     # a CUDA graph's replay overwrites the gradients of the one before while they are still being summed
     die(f"compile_mode=reduce-overhead (CUDA graphs) needs one micro-step per step on one device, not {grad_accum} x {world_size}: "
         f"set batch_size to tokens_per_step / n_ctx = {tokens_per_step // n_ctx} and run one process, or use compile_mode=default")
@@ -332,7 +333,6 @@ if checkpoint is not None:
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
 checkpoint = None  # free the memory
 model = torch.compile(raw_model, mode=compile_mode) if compile else raw_model
-cuda_graphs = compile and compile_mode == "reduce-overhead" and device_type == "cuda"
 eval_model = model
 if ddp:
     # the only buffers are the RoPE tables and FixedNorm scales, the same on every rank: no need to sync them before each forward
