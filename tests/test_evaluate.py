@@ -52,17 +52,22 @@ def error_of(argv):
 # loss by story
 
 
+def tiny_model_and_val_stories():
+    """The tiny run's model and tokenizer, the val tokens, and each val story's offset and length in them."""
+    from sample import load_model
+
+    model, tok = load_model("out/tiny", "cpu")
+    index = prepare.read_index("data/sample", "val")
+    tokens = np.fromfile("data/sample/val.bin", dtype="<u2")
+    return model, tok, tokens, index["offset"].to_numpy().astype(np.int64), index["length"].to_numpy().astype(np.int64)
+
+
 def test_story_losses_match_a_naive_forward_pass_of_each_window(tiny, monkeypatch):
     import torch
     import torch.nn.functional as F
 
-    from sample import load_model
-
     monkeypatch.chdir(tiny)
-    model, tok = load_model("out/tiny", "cpu")
-    index = prepare.read_index("data/sample", "val")
-    tokens = np.fromfile("data/sample/val.bin", dtype="<u2")
-    offsets, lengths = index["offset"].to_numpy().astype(np.int64), index["length"].to_numpy().astype(np.int64)
+    model, tok, tokens, offsets, lengths = tiny_model_and_val_stories()
     n_ctx, stride = model.config.n_ctx, 48
     assert lengths.max() > 2 * n_ctx  # windows are exercised
     nats, text_nats, nbytes, pos_nats, pos_tokens = evaluate.story_losses(
@@ -91,13 +96,8 @@ def test_opening_loss_is_the_first_ten_tokens_scored_from_bos_at_position_0(tiny
     import torch
     import torch.nn.functional as F
 
-    from sample import load_model
-
     monkeypatch.chdir(tiny)
-    model, _ = load_model("out/tiny", "cpu")
-    index = prepare.read_index("data/sample", "val")
-    tokens = np.fromfile("data/sample/val.bin", dtype="<u2")
-    offsets, lengths = index["offset"].to_numpy().astype(np.int64), index["length"].to_numpy().astype(np.int64)
+    model, _, tokens, offsets, lengths = tiny_model_and_val_stories()
     lengths[3] = 6  # a story of 5 tokens after BOS: its opening is those 5
     opening = evaluate.opening_losses(model, tokens, offsets, lengths, batch_size=4, device="cpu")
     for i in range(len(lengths)):
