@@ -515,6 +515,7 @@ def gpu(runs="", max_iters=40, timeout=240, with_sampling=True):
 
 if __name__ == "__main__":
     import ast
+    import inspect
 
     benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache,
                   "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers, "sampling": sampling, "profile": profile,
@@ -527,4 +528,9 @@ if __name__ == "__main__":
             return ast.literal_eval(text)
         except (ValueError, SyntaxError):
             return text  # a word: a string
-    benchmarks[sys.argv[1]](**{k: value(v) for k, v in (a.split("=", 1) for a in sys.argv[2:])})
+    fn, kwargs = benchmarks[sys.argv[1]], {k: value(v) for k, v in (a.split("=", 1) for a in sys.argv[2:])}
+    try:
+        inspect.signature(fn).bind(**kwargs)
+    except TypeError as e:
+        sys.exit(f"bench.py {sys.argv[1]}: {e}; its arguments are {', '.join(inspect.signature(fn).parameters) or 'none'}")
+    fn(**kwargs)

@@ -52,3 +52,10 @@ def test_profile_on_a_gpu_reports_mfu():
                              "device=cuda", "batch_size=1", "steps=1", "rows=5"], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     assert re.search(r"profile 1.25m cuda, bf16, batch 1 x 512: .* tokens/s, MFU \d+\.\d%", result.stdout), result.stdout
+
+
+def test_an_unknown_argument_is_refused_in_one_line():
+    result = subprocess.run([sys.executable, f"{REPO}/bench.py", "gpu", "foo=1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == ("bench.py gpu: got an unexpected keyword argument 'foo'; "
+                                     "its arguments are runs, max_iters, timeout, with_sampling")
