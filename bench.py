@@ -438,6 +438,8 @@ def profile(config="5m", batch_size=8, device="cpu", steps=3, rows=20):
 
 GPU_RUNS = [  # (name, config, micro-batch, flags): train.py as users run it on one GPU (bf16 autocast, compiled, fused AdamW)
     *[(f"{c} batch 256", c, 256, ["--tokens_per_step=131072"]) for c in ("1.25m", "5m", "11m", "30m", "35m")],
+    ("35m max-autotune", "35m", 256, ["--tokens_per_step=131072", "--compile_mode=max-autotune-no-cudagraphs"]),
+    ("35m batch 512", "35m", 512, ["--tokens_per_step=262144"]),
     ("5m recipe", "5m", 64, []),  # the config as it is: 32,768 tokens a step, one micro-step of 64
     ("35m recipe", "35m", 32, []),  # two micro-steps of 32
     ("5m torchrun", "5m", 64, []),

@@ -96,7 +96,9 @@ wandb_run_name = ""  # Weights & Biases run name; "": out_dir's name
 device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 autocast on a GPU that has it or a CPU with AMX, else float32), 'float32', 'bfloat16'
 compile = True  # torch.compile the model
-compile_mode = "default"  # 'default', or 'reduce-overhead': CUDA graphs, fewer launches for tiny models (one GPU, one micro-step)
+compile_mode = "default"  # torch.compile's mode: 'default'; 'reduce-overhead': CUDA graphs, fewer launches for tiny models (one
+# GPU, one micro-step); 'max-autotune-no-cudagraphs': each matmul timed in several kernels, the fastest kept (a longer compile);
+# 'max-autotune': both
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in configurator.PEAK_FLOPS
 seed = 1337  # seeds the weights, the batches and the samples
 # ----------------------------------------------------------------------------------------------
@@ -117,7 +119,8 @@ CHECKS = [  # the range of each setting, checked once the command line and a res
     (("norm",), lambda v: v in ("rms", "none"), "'rms' (RMSNorm) or 'none' (no normalization)"),
     (("dtype",), lambda v: v in ("auto", "float32", "bfloat16"), "'auto', 'float32' or 'bfloat16'"),
     (("windows",), lambda v: v in ("random", "story"), "'random' or 'story'"),
-    (("compile_mode",), lambda v: v in ("default", "reduce-overhead"), "'default' or 'reduce-overhead'"),
+    (("compile_mode",), lambda v: v in ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"),
+     "'default', 'reduce-overhead', 'max-autotune-no-cudagraphs' or 'max-autotune'"),
     (("keep_checkpoints",), lambda v: v in ("", "log") or re.fullmatch(r"linear:[1-9][0-9]*", v),
      "'' (none), 'log' or 'linear:N' with N at least 1"),
 ]
@@ -195,11 +198,12 @@ batch_size = min(batch_size, seqs_per_device)
 if seqs_per_device % batch_size:
     die(f"batch_size={batch_size} does not divide the {seqs_per_device} sequences each device gets per step; change batch_size")
 grad_accum = seqs_per_device // batch_size
-cuda_graphs = compile and compile_mode == "reduce-overhead" and device_type == "cuda"
+cuda_graphs = compile and compile_mode in ("reduce-overhead", "max-autotune") and device_type == "cuda"
 if cuda_graphs and (grad_accum > 1 or ddp):
     # a CUDA graph's replay overwrites the gradients of the one before while they are still being summed
-    die(f"compile_mode=reduce-overhead (CUDA graphs) needs one micro-step per step on one device, not {grad_accum} x {world_size}: "
-        f"set batch_size to tokens_per_step / n_ctx = {tokens_per_step // n_ctx} and run one process, or use compile_mode=default")
+    without_graphs = "max-autotune-no-cudagraphs" if compile_mode == "max-autotune" else "default"
+    die(f"compile_mode={compile_mode} (CUDA graphs) needs one micro-step per step on one device, not {grad_accum} x {world_size}: "
+        f"set batch_size to tokens_per_step / n_ctx = {tokens_per_step // n_ctx} and run one process, or use compile_mode={without_graphs}")
 
 # ----------------------------------------------------------------------------------------------
 # data
@@ -467,7 +471,8 @@ if master:
         log_file = open(log_path, "a")
     except OSError as e:
         die(f"cannot write to out_dir={out_dir}: {e.strerror}; choose another --out_dir")
-    print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile} | "
+    mode = f" {compile_mode}" if compile and compile_mode != "default" else ""
+    print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile}{mode} | "
           f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}, {windows} windows")
     print(f"val loss to beat: {meta['unigram_entropy']:.4f}, the unigram entropy of train.bin (nats per token)")
     # snapshots a killed run wrote after its checkpoint, or all of those of the run a scratch run replaces

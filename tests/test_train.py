@@ -159,7 +159,7 @@ def test_sample_prints_stories(workdir):
     (["--decay_fraction=1.5"], "decay_fraction=1.5 must be between 0 and 1"),
     (["--muon_momentum=1.0"], "muon_momentum=1.0 must be at least 0 and below 1"),
     (["--d_mlp_multiple=0"], "d_mlp_multiple=0 must be at least 1"),
-    (["--compile_mode=max-autotune"], "compile_mode='max-autotune' must be 'default' or 'reduce-overhead'"),
+    (["--compile_mode=fast"], "compile_mode='fast' must be 'default', 'reduce-overhead', 'max-autotune-no-cudagraphs' or 'max-autotune'"),
 ])
 def test_bad_settings(tmp_workdir, args, message):
     result = run("train.py", *TINY, *args, cwd=tmp_workdir)
@@ -244,23 +244,26 @@ def test_readme_gpu_command_starts_on_one_gpu(workdir, tmp_path):
 
 
 @pytest.mark.slow
-def test_cuda_graphs_mode_marks_each_replay_on_a_gpu(workdir, tmp_path):
-    # compile_mode=reduce-overhead: each forward (training step or val batch) starts a new CUDA graph replay
-    tiny = [a for a in TINY if a not in ("--device=cpu", "--compile=False")]
-    result = fake_gpu(workdir, "train.py", *tiny, "--out_dir=out/graphs", "--max_iters=4", "--batch_size=8", "--eval_interval=2",
-                      "--compile_mode=reduce-overhead", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
-    assert result.returncode == 0, result.stderr
-    assert "1 x cuda:0 bfloat16 | compile=True" in result.stdout and [r["step"] for r in log(workdir, "out/graphs")][-1] == 4
+@pytest.mark.parametrize("mode,graph_steps", [("reduce-overhead", 4 + 3), ("max-autotune", 4 + 3), ("max-autotune-no-cudagraphs", 0)])
+def test_cuda_graphs_mode_marks_each_replay_on_a_gpu(workdir, tmp_path, mode, graph_steps):
+    # with CUDA graphs (reduce-overhead, max-autotune) each forward, training step or val batch, starts a new replay:
     # 4 steps of one micro-step, and 3 evaluations (steps 0, 2, 4) of one val batch
-    assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == 4 + 3
+    tiny = [a for a in TINY if a not in ("--device=cpu", "--compile=False")]
+    result = fake_gpu(workdir, "train.py", *tiny, f"--out_dir=out/{mode}", "--max_iters=4", "--batch_size=8", "--eval_interval=2",
+                      f"--compile_mode={mode}", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
+    assert result.returncode == 0, result.stderr
+    assert f"1 x cuda:0 bfloat16 | compile=True {mode} |" in result.stdout and [r["step"] for r in log(workdir, f"out/{mode}")][-1] == 4
+    assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == graph_steps
 
 
-def test_cuda_graphs_mode_refuses_gradient_accumulation(workdir):
+@pytest.mark.parametrize("mode,instead", [("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs")])
+def test_cuda_graphs_mode_refuses_gradient_accumulation(workdir, mode, instead):
     # the next micro-step's replay would overwrite the gradients being summed: refused before anything is written
     tiny = [a for a in TINY if a != "--device=cpu"]
     result = fake_gpu(workdir, "train.py", *tiny, "--out_dir=out/graphs_accum", "--batch_size=4", "--compile=True",
-                      "--compile_mode=reduce-overhead")
-    assert "needs one micro-step per step on one device, not 2 x 1: set batch_size to tokens_per_step / n_ctx = 8" in one_error_line(result)
+                      f"--compile_mode={mode}")
+    assert one_error_line(result).endswith(f"compile_mode={mode} (CUDA graphs) needs one micro-step per step on one device, not 2 x 1: "
+                                           f"set batch_size to tokens_per_step / n_ctx = 8 and run one process, or use compile_mode={instead}")
     assert not (workdir / "out" / "graphs_accum").exists()
 
 
