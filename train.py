@@ -274,29 +274,35 @@ def to_device(rows):
 
 
 def get_batch(step, micro_step):
-    """This rank's micro-batch: step's global batch comes from (seed, step) alone, whatever the devices. Random
-    windows start anywhere in train.bin; story windows start at a story's BOS and hold whole stories, packed, the
-    rest padding (prepare.story_windows). The step's windows are packed whole, then this rank's are read."""
+    """This rank's micro-batch and its weight in the step's loss. The step's global batch comes from (seed, step)
+    alone, whatever the devices. Random windows start anywhere in train.bin; story windows start at a story's BOS
+    and hold whole stories, packed, the rest padding (prepare.story_windows). The step's windows are packed whole,
+    then this rank's are read. The weight, the micro-batch's share of the step's scored targets times world_size
+    (DDP averages over ranks), makes the step's loss the mean over all its scored targets, however the windows are
+    split into micro-batches and ranks: with padding, a mean of the micro-batches' means would weigh short ones more."""
     data = memmap("train")
     rng = np.random.default_rng([seed, step])
     first = (micro_step * world_size + rank) * batch_size
     if windows == "random":
         starts = rng.integers(0, len(data) - n_ctx - 1, size=tokens_per_step // n_ctx)
-        return pinned(np.stack([data[s:s + n_ctx + 1] for s in starts[first:first + batch_size]]))
+        return pinned(np.stack([data[s:s + n_ctx + 1] for s in starts[first:first + batch_size]])), 1 / grad_accum
     packed = story_windows(train_offsets, len(data), n_ctx + 1, tokens_per_step // n_ctx, rng)
-    return pinned(window_tokens(data, packed[first:first + batch_size], n_ctx + 1))
+    scored = [sum(length for _, length in window) - 1 for window in packed]  # targets: every token but a window's first
+    weight = sum(scored[first:first + batch_size]) * world_size / max(1, sum(scored))
+    return pinned(window_tokens(data, packed[first:first + batch_size], n_ctx + 1)), weight
 
 
 def train_batches(first_step):
-    """The micro-batches from first_step on, in training order, on the device. Each is read from the bins (and
+    """The micro-batches (inputs, targets, weight: get_batch) from first_step on, in training order, on the device. Each is read from the bins (and
     pinned) in a background thread while the model trains on the one before: the device does not wait for the disk."""
     order = ((step, micro_step) for step in range(first_step, max_iters) for micro_step in range(grad_accum))
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(get_batch, *next(order))
         for key in order:
-            rows, pending = pending.result(), reader.submit(get_batch, *key)
-            yield to_device(rows)
-        yield to_device(pending.result())
+            (rows, weight), pending = pending.result(), reader.submit(get_batch, *key)
+            yield *to_device(rows), weight
+        rows, weight = pending.result()
+        yield *to_device(rows), weight
 
 
 def val_windows():
@@ -532,7 +538,7 @@ while True:
         group["lr"] = group["peak_lr"] * scale
     for micro_step in range(grad_accum):
         t_wait = time.time()
-        x, y = next(batches)
+        x, y, weight = next(batches)
         data_wait += time.time() - t_wait
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro_step == grad_accum - 1
@@ -540,8 +546,8 @@ while True:
             torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             loss = model(x, y)[1]
-        (loss / grad_accum).backward()
-        loss_sum += loss.detach() / grad_accum
+        (loss * weight).backward()
+        loss_sum += loss.detach() * weight
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     opt.step()
     opt.zero_grad(set_to_none=True)
