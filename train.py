@@ -314,9 +314,10 @@ def val_windows():
 
 # ----------------------------------------------------------------------------------------------
 # model, optimizer, tokenizer
-iter_num, best_val_loss = 0, float("inf")
+iter_num, best_val_loss, saved_step = 0, float("inf"), None  # saved_step: the step of the checkpoint in out_dir
 if checkpoint is not None:
     iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
+    saved_step = iter_num
 else:
     try:
         model_config = GPTConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv_heads, d_mlp=d_mlp,
@@ -362,6 +363,7 @@ token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=
 def save_checkpoint():
     """Write ckpt.pt atomically (a temporary file, fsynced, renamed over the old one). It keeps the tokenizer's
     bytes, so sample.py needs nothing else, and the meta.json of the bins, so a resume can check them."""
+    global saved_step
     state = {
         "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "model_config": asdict(model_config),
         "train_config": config, "iter_num": iter_num, "best_val_loss": best_val_loss,
@@ -371,6 +373,15 @@ def save_checkpoint():
     }
     with atomic_write(ckpt_path) as f:
         torch.save(state, f)
+    saved_step = iter_num
+
+
+def stop_if_diverged(name, value):
+    """End the run in one line once a loss is not a finite number, before a checkpoint of broken weights is written."""
+    if not math.isfinite(value):
+        kept = f"{ckpt_path} keeps step {saved_step}" if saved_step is not None else "no checkpoint was written"
+        die(f"{name} is {value} at step {iter_num}: training diverged ({kept}); lower --learning_rate={learning_rate:g}"
+            + ("" if grad_clip > 0 else " or set --grad_clip=1.0"))
 
 
 def kept_steps(rule):
@@ -470,8 +481,16 @@ if master:
                     kept.append(line)
             except (ValueError, KeyError, TypeError):
                 pass  # a line torn by the kill
+    if wandb_log:  # before out_dir is touched: a run that cannot start leaves the one there as it was
+        try:
+            wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(out_dir.rstrip("/")), config=config)
+        except Exception as e:  # no login, no network: wandb raises its own errors
+            die(f"wandb.init failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); run `wandb login`, "
+                "or leave wandb_log off")
     try:
         os.makedirs(out_dir, exist_ok=True)
+        if init_from == "scratch" and os.path.exists(ckpt_path):  # --overwrite: the old run goes first, as a whole,
+            os.remove(ckpt_path)  # so that no resume can go on from its checkpoint with its log and snapshots gone
         with atomic_write(log_path, "w") as f:
             f.writelines(kept)
         log_file = open(log_path, "a")
@@ -490,8 +509,6 @@ if master:
         size = sum(p.numel() for p in raw_model.parameters()) * 4 + 1024  # float32, and the header
         print(f"keep_checkpoints={keep_checkpoints}: {to_write} snapshots of {size / 1e6:.1f} MB = {to_write * size / 1e6:,.1f} MB "
               f"in {os.path.join(out_dir, 'checkpoints')}")
-    if wandb_log:
-        wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(out_dir.rstrip("/")), config=config)
 
 
 def log(record, line):
@@ -514,6 +531,7 @@ while True:
     if iter_num % eval_interval == 0 or iter_num == max_iters:
         if iter_num > start_iter or init_from == "scratch":  # a resumed run has this evaluation already
             val_loss, val_bpb = evaluate()
+            stop_if_diverged("val loss", val_loss)
             best_val_loss = min(best_val_loss, val_loss)
             log({"step": iter_num, "val_loss": val_loss, "val_bpb": val_bpb},
                 f"step {iter_num}: val loss {val_loss:.4f} (best {best_val_loss:.4f}), val bits per byte {val_bpb:.4f}")
@@ -560,6 +578,7 @@ while True:
             dist.all_reduce(loss_sum)
             loss_sum /= world_size
         loss_value = loss_sum.item() / loss_steps  # .item() waits for the device: once per log line only
+        stop_if_diverged("training loss", loss_value)
         if iter_num % log_interval == 0:  # the last line of a run that stops between two keeps them for a resume
             loss_sum.zero_()
             loss_steps = 0

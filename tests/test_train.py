@@ -114,6 +114,39 @@ def test_gradient_accumulation_matches_one_big_batch(workdir, windows):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(workdir):
+    result = run("train.py", *TINY, "--out_dir=out/diverged", "--max_iters=30", "--eval_interval=10", "--learning_rate=1e6",
+                 "--warmup_iters=0", "--grad_clip=0", cwd=workdir)
+    line = one_error_line(result)
+    assert "training diverged (out/diverged/ckpt.pt keeps step 0); lower --learning_rate=1e+06 or set --grad_clip=1.0" in line
+    ckpt = torch.load(workdir / "out" / "diverged" / "ckpt.pt", weights_only=True)
+    assert ckpt["iter_num"] == 0 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
+    result = run("sample.py", "--out_dir=out/diverged", "--max_new_tokens=8", "--num_samples=1", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+
+
+def test_an_overwrite_replaces_the_old_run_as_a_whole(workdir, tmp_path):
+    old = ["--max_iters=4", "--eval_interval=2", "--keep_checkpoints=log", "--out_dir=out/replaced"]
+    train(workdir, *old)
+    lines, files = log(workdir, "out/replaced"), sorted(os.listdir(workdir / "out" / "replaced" / "checkpoints"))
+    # a run that cannot start (here: wandb cannot log in) leaves the old run as it was
+    no_login = {"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(tmp_path), "WANDB_DIR": str(tmp_path)}
+    result = run("train.py", *TINY, "--out_dir=out/replaced", "--overwrite=True", "--wandb_log=True", cwd=workdir, env=no_login)
+    assert "wandb.init failed" in one_error_line(result)
+    assert log(workdir, "out/replaced") == lines and sorted(os.listdir(workdir / "out" / "replaced" / "checkpoints")) == files
+    # one killed as soon as it has started: what is left is not the old checkpoint without its log and snapshots
+    replacing = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, "--out_dir=out/replaced",
+                                  "--overwrite=True", "--seed=7", "--max_iters=1000"], cwd=workdir, stdout=subprocess.PIPE,
+                                 text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in replacing.stdout:
+        if " parameters | " in line:
+            replacing.kill()
+            break
+    replacing.wait()
+    ckpt_path = workdir / "out" / "replaced" / "ckpt.pt"
+    assert not ckpt_path.exists() or torch.load(ckpt_path, weights_only=True)["train_config"]["seed"] == 7
+
+
 def test_compile_path_runs(workdir):
     args = ["--max_iters=4", "--eval_interval=4", "--log_interval=2"]
     train(workdir, *args, "--compile=True", "--out_dir=out/compiled")
