@@ -235,6 +235,16 @@ def test_broken_data(tmp_workdir):
     assert "bins hold uint32, but train.py reads uint16" in one_error_line(run("train.py", *TINY, cwd=tmp_workdir))
     (data / "meta.json").write_text("{")
     assert "not valid JSON" in one_error_line(run("train.py", *TINY, "--max_iters=1", cwd=tmp_workdir))
+    (data / "meta.json").write_bytes(bytes(range(128, 256)))
+    assert "not valid JSON" in one_error_line(run("train.py", *TINY, "--max_iters=1", cwd=tmp_workdir))
+    (data / "meta.json").write_text(json.dumps({**meta, "train": 5}))
+    assert "lacks keys that train.py needs" in one_error_line(run("train.py", *TINY, "--max_iters=1", cwd=tmp_workdir))
+    assert not (tmp_workdir / "out").exists()
+    # bins of the right size holding ids the tokenizer does not have
+    (data / "meta.json").write_text(json.dumps(meta))
+    np.full(meta["val"]["tokens"], 65535, dtype="<u2").tofile(data / "val.bin")
+    line = one_error_line(run("train.py", *TINY, "--max_iters=1", cwd=tmp_workdir))
+    assert "val.bin holds token id 65535, not below vocab_size 4096: it is damaged" in line
     assert not (tmp_workdir / "out").exists()
 
 
