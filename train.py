@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -473,6 +474,13 @@ def device_peak_flops():
 
 # ----------------------------------------------------------------------------------------------
 # training loop
+def interrupted(signum, frame):
+    """Ctrl-C: one line saying where the run can go on from. A checkpoint being written stays the old one (atomic_write)."""
+    kept = f"{ckpt_path} keeps step {saved_step}: go on with --init_from=resume" if saved_step is not None else "no checkpoint yet"
+    die(f"interrupted at step {iter_num}; {kept}")
+
+
+signal.signal(signal.SIGINT, interrupted)
 keep = kept_steps(keep_checkpoints)
 log_file = None
 if master:

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -145,6 +146,21 @@ def test_an_overwrite_replaces_the_old_run_as_a_whole(workdir, tmp_path):
     replacing.wait()
     ckpt_path = workdir / "out" / "replaced" / "ckpt.pt"
     assert not ckpt_path.exists() or torch.load(ckpt_path, weights_only=True)["train_config"]["seed"] == 7
+
+
+def test_ctrl_c_ends_in_one_line_and_the_run_resumes(workdir):
+    args = ["--max_iters=100000", "--eval_interval=1000", "--log_interval=1"]
+    stopped = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, *args, "--out_dir=out/ctrl_c"], cwd=workdir,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in stopped.stdout:
+        if line.startswith("step 3: loss"):
+            stopped.send_signal(signal.SIGINT)
+            break
+    result = subprocess.CompletedProcess(stopped.args, stopped.wait(), stopped.stdout.read(), stopped.stderr.read())
+    line = one_error_line(result)
+    assert line.startswith("error: interrupted at step ") and "ckpt.pt keeps step 0: go on with --init_from=resume" in line
+    train(workdir, "--init_from=resume", "--out_dir=out/ctrl_c", "--max_iters=5", "--eval_interval=5")
+    assert [r["step"] for r in log(workdir, "out/ctrl_c")][-1] == 5
 
 
 def test_compile_path_runs(workdir):
