@@ -366,12 +366,12 @@ class GPT(nn.Module):
         device = idx.device
         # the layers compute in the autocast dtype when autocast is on (bf16 on a GPU), the weights' dtype otherwise
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else self.embed.weight.dtype
-        cache = KVCache(self.config, B, dtype, device)
         step = self.decode_step
         if compile:
             step = self._compiled_decode_step(device)
-            for t in (*cache.k, *cache.v, cache.pos):  # written in place by the CUDA graph, not copied in and out
-                torch._dynamo.mark_static_address(t)
+            cache = self._static_cache(B, dtype, device)
+        else:
+            cache = KVCache(self.config, B, dtype, device)
         out = torch.empty(B, T + max_new_tokens, dtype=idx.dtype, device=device)
         out[:, :T] = idx
         finished = torch.zeros(B, dtype=torch.bool, device=device)
@@ -405,6 +405,20 @@ class GPT(nn.Module):
             self._compiled_step = torch.compile(self.decode_step, mode=mode, fullgraph=True, dynamic=False)
             self._compiled_step_mode = mode
         return self._compiled_step
+
+    def _static_cache(self, batch_size, dtype, device):
+        """The KVCache of the compiled decode step, one per batch size, dtype and device, kept on the model and reused
+        by later calls: its tensors are marked as static addresses (written in place by the CUDA graphs, not copied in
+        and out), and a CUDA graph re-records when a static input moves, so a new cache per call would re-record every
+        graph at every call. Positions left from an earlier call are never read: the mask stops at the new ones."""
+        caches = self.__dict__.setdefault("_static_caches", {})  # not a buffer: not in the state_dict
+        key = (batch_size, dtype, device)
+        if key not in caches:
+            caches[key] = KVCache(self.config, batch_size, dtype, device)
+            for t in (*caches[key].k, *caches[key].v, caches[key].pos):
+                torch._dynamo.mark_static_address(t)
+        caches[key].pos.zero_()
+        return caches[key]
 
     def _generate_recomputing(self, idx, max_new_tokens, temperature, top_k, top_p, eos_id, generator):
         """generate without a cache: the whole sequence through the model at every step, the plain loop it stands for."""
