@@ -25,8 +25,10 @@ def test_gpu_table_reads_each_run_from_its_log(workdir, monkeypatch, capsys):
     rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ")}
     for name in ("tiny", "tiny x2"):  # one micro-step and two
         ms, rate, mfu, wait, memory, first, loss = rows[name]
-        # the medians of three log lines (the first holds the warm-up) are of the same line: 1,024 tokens in ms
-        assert float(ms) > 0 and abs(1000 * 1024 / float(rate.replace(",", "")) - float(ms)) <= 0.051
+        # the medians of three log lines (the first holds the warm-up) are of the same line: 1,024 tokens in ms, each
+        # number rounded as printed (ms to 0.1, tokens/s to 1: 0.24 ms at 700 ms a step on a loaded machine)
+        rate = float(rate.replace(",", ""))
+        assert float(ms) > 0 and abs(1000 * 1024 / rate - float(ms)) <= 0.051 + 1000 * 1024 * 0.5 / rate**2
         assert re.fullmatch(r"\d+\.\d%", mfu) and 0 <= float(wait.rstrip("%")) < 100  # the MFU of a CPU against an H100: 0.0%
         assert memory == "1.50 GB" and float(first.split()[0]) > 0  # fake_cuda's max_memory_allocated
         assert loss.endswith(" |") and 7 < float(loss[:-2]) < 9  # about ln(4096) = 8.3 after 40 steps of warm-up
