@@ -123,6 +123,8 @@ async def run_batch(client, args, axes, names, out, progress):
                 continue
             # completed, expired or cancelled: take what came back, resubmit the rest
             answers, errors, refused = {}, {}, None  # chat completions, and the errors that answered requests
+            unrun = {}  # why the batch never ran a request (batch_expired), where its error file says
+            unanswered = None  # the error that ends a run whose prompts get no answer, raised once the batch is read
             for file_id in (batch.output_file_id, batch.error_file_id):
                 if not file_id:
                     continue
@@ -140,6 +142,8 @@ async def run_batch(client, args, axes, names, out, progress):
                             errors[k] = f"{status} {message}"
                             if 400 <= status < 500 and status not in RETRIED_4XX:
                                 refused = refusal(status, message)
+                        elif isinstance(result.get("error"), dict):
+                            unrun[k] = f"{result['error'].get('code')}: {result['error'].get('message')}"
                     except (ValueError, KeyError, TypeError, AttributeError):  # its request has no answer: failed
                         progress.stats["batch lines unreadable"] += 1
             for k, labels, prompt in prompts_for(axes, names, args, todo):
@@ -156,11 +160,18 @@ async def run_batch(client, args, axes, names, out, progress):
                 progress.stats["batch requests failed"] += 1
                 if tries[k] <= args.max_retries:
                     resubmit.append(k)
+                elif not error:  # never answered, not paid for: the answers' rules do not see it, this one does
+                    why = unrun.get(k) or ("its line missing from the output" if batch.output_file_id else "no output")
+                    try:
+                        progress.gave_up(f"{tries[k]} batches left each unanswered, the last {batch.status} ({why});"
+                                         f" run the same command again later")
+                    except FatalError as e:
+                        unanswered = unanswered or e
             await out.sync()
             in_flight.remove(entry)
             save()
-            if refused:  # the same request would be refused again: stop, as a live run does
-                raise refused
+            if refused or unanswered:  # a request the API refuses, or prompts no batch answers: stop, as live runs do
+                raise refused or unanswered
             progress.check_yield()  # after the whole batch: its answers are paid for, whatever comes of them
             if batch.status != "completed":
                 progress.stats[f"batches {batch.status}"] += 1

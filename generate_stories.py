@@ -27,7 +27,8 @@ A run stops by itself, non-zero, with one line that names the cause and what to 
   batch answers with an error too, and while --out holds no story it sends one probe batch of at most
   32 requests at a time, so that a setup that gives nothing costs a few tens of requests;
 - max(--concurrency, 10) prompts in a row get no answer after all their retries, or fewer where the run
-  needs fewer prompts. While requests are retried a note on stderr says why, each time the reason changes.
+  needs fewer prompts (in Batch mode: --max_retries + 1 batches each that came back without its answer,
+  expired or with no output). While requests are retried a note on stderr says why, each time the reason changes.
 
 The story side (axes, sampler, prompt text, cleaning rules, records, dry run) is in stories.py, the
 retries, rate limits and prices in api_client.py, and the Batch API in batch_api.py.
@@ -61,7 +62,7 @@ from configurator import atomic_write, die
 from stories import (HINTS, TOKENS_PER_PARAGRAPH, duplicate_key, dry_run, iter_prompts, load_axes, make_records,
                      parse_completion, prompts_for, token_counts)
 
-MIN_GIVE_UPS = 10  # prompts in a row that get no answer before a live run stops (at least --concurrency of them)
+MIN_GIVE_UPS = 10  # prompts in a row that get no answer before a run stops (at least --concurrency of them)
 MIN_ANSWERS = 100  # answers in before a run's yield is judged against --min_yield
 
 
@@ -295,6 +296,7 @@ class Progress:
         self.answers, self.usable = 0, 0  # answers in this run, and the stories in them that pass the cleaning
         self.unusable, self.unusable_reasons = 0, Counter()  # answers in a row with no usable story, and why
         self.error = None  # the last error that a batch answered a request with
+        self.give_ups = 0  # prompts in a row that got no answer after all their retries
         self.retries, self.waiting_for = 0, None  # retries in all, and the reason of the last one
         self.price = price_per_token(args)
         self.bar = tqdm(total=args.target, initial=out.count, unit=" stories", delay=1, dynamic_ncols=True)
@@ -333,6 +335,7 @@ class Progress:
     def tally(self, n_usable, reasons):
         """Count one answer, and why it gave no usable story, for check_yield."""
         self.answers += 1
+        self.give_ups = 0
         self.usable += n_usable
         if n_usable:
             self.unusable, self.unusable_reasons = 0, Counter()
@@ -360,6 +363,19 @@ class Progress:
         counts = ", ".join(f"{reason} {n:,}" for reason, n in reasons.most_common())
         raise FatalError(f"{what} ({counts or 'stories missing'}): {hint}")
 
+    def gave_up(self, error):
+        """Count a prompt that got no answer after all its retries; it is left for a later run. Raise FatalError,
+        naming the last error, once max(--concurrency, MIN_GIVE_UPS) prompts in a row got none, or fewer where the
+        run needs fewer: a server that is down or answers nothing would have a run skip prompts forever. In a live
+        run all those in flight give up together, so at least --concurrency of them."""
+        args = self.args
+        self.stats["gave up"] += 1
+        self.give_ups += 1
+        limit = min(max(args.concurrency, MIN_GIVE_UPS),
+                    math.ceil((args.target - self.out.count) / args.stories_per_prompt))
+        if self.give_ups >= limit:
+            raise FatalError(f"{limit} prompts in a row got no answer: {error}")
+
     def retrying(self, reason, error):
         """Count a retry, and say on stderr what the run waits for each time the reason changes."""
         self.stats[f"retry {reason}"] += 1
@@ -380,7 +396,6 @@ async def run_live(client, args, axes, names, out, progress):
     prompts = iter_prompts(axes, names, args, skip=out.prompt_ids)
     limiter = RateLimiter(args.rpm, args.tpm)
     in_flight, fatal = 0, False
-    give_ups = 0  # prompts in a row that got no answer
     changed = asyncio.Condition()
 
     def finished():
@@ -390,7 +405,6 @@ async def run_live(client, args, axes, names, out, progress):
         return out.count + in_flight * args.stories_per_prompt < args.target
 
     async def one(k, labels, prompt):
-        nonlocal give_ups
         expected = expected_tokens(prompt, labels, args)
 
         async def call():
@@ -406,16 +420,8 @@ async def run_live(client, args, axes, names, out, progress):
         try:
             body = await with_retries(call, args, progress)
         except GaveUp as e:  # the prompt is left for a later run
-            progress.stats["gave up"] += 1
-            give_ups += 1
-            # a server that is down or refuses everything would have a run skip prompts forever. All those in
-            # flight give up together, so at least --concurrency of them; at most the prompts the run still
-            # needs, or a small run would never get there
-            limit = min(max(args.concurrency, MIN_GIVE_UPS), math.ceil((args.target - out.count) / args.stories_per_prompt))
-            if give_ups >= limit:  # the same words from each prompt that gives up as the run stops
-                raise FatalError(f"{limit} prompts in a row got no answer: {e}") from None
+            progress.gave_up(e)
             return
-        give_ups = 0
         limiter.refund(expected - sum(token_counts(body)))
         progress.add(k, labels, prompt, body)
         if not fatal:  # the answers that come in while the run stops are kept; the first to stop it names the cause

@@ -704,6 +704,37 @@ def test_batches_that_fail_again_and_again_stop_the_run_and_a_rerun_goes_on(monk
     check_stories(out, 32)
 
 
+class AnswerlessBatches(OpenAIServer):
+    """A server whose batches come back without a single answer: every request expired (response null), or the
+    batch completed with neither an output nor an error file."""
+
+    def __init__(self, status, **kwargs):
+        super().__init__(**kwargs)
+        self.status = status
+
+    def run_batch(self, batch):
+        if self.status == "expired":
+            lines = [json.dumps({"id": self.new_id("batch_req"), "custom_id": json.loads(line)["custom_id"],
+                                 "response": None, "error": {"code": "batch_expired", "message": "Not run in time."}})
+                     for line in self.files[batch["input_file_id"]]["content"].decode().splitlines()]
+            batch["error_file_id"] = self.add_file("\n".join(lines).encode() + b"\n", "batch_output", "errors")["id"]
+        batch["status"], batch[f"{self.status}_at"] = self.status, int(time.time())
+
+
+@pytest.mark.parametrize("status, why", [("expired", r"batch_expired: Not run in time\."), ("completed", "no output")])
+def test_batches_that_answer_nothing_end_the_run_in_one_clear_line(tmp_path, status, why):
+    with AnswerlessBatches(status, api_key=KEY, batch_delay=0.02) as server:
+        proc = start(server.url, tmp_path / "stories.jsonl", "--batch", "--n_stories=40", "--max_retries=2",
+                     "--poll_interval=0.05")
+        stdout, stderr = proc.communicate(timeout=60)
+        # each of the 10 prompts asked in 3 batches (--max_retries=2), then the run stops
+        assert server.stats["batches"] == 3
+    assert proc.returncode == 1 and "Traceback" not in stderr
+    assert re.fullmatch(rf"error: 10 prompts in a row got no answer: 3 batches left each unanswered, the last {status}"
+                        rf" \({why}\); run the same command again later\n", stderr.split("\r")[-1]), stderr
+    assert os.listdir(tmp_path) == []
+
+
 def test_unreadable_line_of_a_batch_answer_is_submitted_again(monkeypatch, tmp_path, capsys):
     out = tmp_path / "stories.jsonl"
     with OpenAIServer(api_key=KEY, batch_delay=0.05) as server:
