@@ -3,8 +3,9 @@
 Request files of up to 50,000 requests are uploaded and run as batches, several in flight; finished
 batches are parsed into the same output as a live run, and the requests that failed are sent again.
 The batches in flight are listed in <out>.batches.json, so a command started again polls them instead
-of paying twice. While the output holds no story, one probe batch of at most PROBE_REQUESTS requests is
-all that is in flight: a setup whose answers are all unusable costs that much, not batches of 50,000.
+of paying twice, and a create tried again (its answer lost) first looks for the batch it may have made.
+While the output holds no story, one probe batch of at most PROBE_REQUESTS requests is all that is in
+flight: a setup whose answers are all unusable costs that much, not batches of 50,000.
 """
 
 import asyncio
@@ -46,23 +47,30 @@ async def run_batch(client, args, axes, names, out, progress):
         elif os.path.exists(state_path):
             os.remove(state_path)
 
-    async def start(entry):
-        batch = await with_retries(lambda: client.batches.create(
-            input_file_id=entry["input_file_id"], endpoint="/v1/chat/completions", completion_window="24h"),
-            args, progress)
-        entry["batch_id"] = batch.id
+    async def start(entry, maybe_made=False):
+        """Create the batch of an uploaded request file and save its id. Before each try but the first (and before
+        the first too with maybe_made), look for a batch made from that file: a create whose answer was lost (a
+        timeout, a dropped connection, a run stopped before it saved the id) may have made one, and a second would
+        be paid for twice."""
+        async def create():
+            nonlocal maybe_made
+            if maybe_made:
+                recent = await client.batches.list(limit=100)
+                found = [b.id for b in recent.data if b.input_file_id == entry["input_file_id"]]
+                if found:
+                    return found[0]
+            maybe_made = True
+            batch = await client.batches.create(input_file_id=entry["input_file_id"], endpoint="/v1/chat/completions",
+                                                completion_window="24h")
+            return batch.id
+
+        entry["batch_id"] = await with_retries(create, args, progress)
         progress.stats["batches"] += 1
         save()
 
     for entry in in_flight:
         if entry["batch_id"] is None:  # stopped between upload and saving the batch's id: it may exist already
-            recent = await with_retries(lambda: client.batches.list(limit=100), args, progress)
-            found = [b.id for b in recent.data if b.input_file_id == entry["input_file_id"]]
-            if found:
-                entry["batch_id"] = found[0]
-                save()
-            else:
-                await start(entry)
+            await start(entry, maybe_made=True)
 
     submitted = {k for entry in in_flight for k in entry["prompt_ids"]}
     prompts = iter_prompts(axes, names, args, skip=out.prompt_ids | submitted)

@@ -771,6 +771,17 @@ def stop_with_batches_in_flight(monkeypatch, server, out):
     return argv
 
 
+def test_batch_whose_create_timed_out_is_found_not_made_twice(monkeypatch, tmp_path):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
+        server.inject_batch("timeout")  # made on the server, its answer past --timeout
+        generate(monkeypatch, server, out, "--batch", "--n_stories=40", "--timeout=0.2", "--max_retries=3",
+                 "--poll_interval=0.02")
+        made_from = Counter(b["input_file_id"] for b in server.batches.values())
+    assert list(made_from.values()) == [1]  # the retry adopted it
+    check_stories(out, 40)
+
+
 def test_batches_in_flight_are_refused_to_a_run_with_other_arguments(monkeypatch, tmp_path):
     out = tmp_path / "stories.jsonl"
     with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
