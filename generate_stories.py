@@ -17,7 +17,8 @@ meanwhile is refused. The arguments that make the prompts and the answers (--mod
 --top_p, --stories_per_prompt, --max_tokens, --seed, --shard and the axes file's SHA-256) are kept in
 <out>.run.json, and a run with other ones on the same --out is refused, naming what differs. With
 --batch, the batches in flight are listed in <out>.batches.json, so a rerun polls them again instead of
-paying twice. A run that writes no story leaves none of these files, unless batches are in flight.
+paying twice; a rerun without --batch is refused while they are. A run that writes no story leaves none
+of these files, unless batches are in flight.
 
 A run stops by itself, non-zero, with one line that names the cause and what to do:
 - the server cannot be reached: one GET {base_url}/models, 10 s at most, before anything is sent;
@@ -470,6 +471,9 @@ def main(argv=None):
     api_key = os.environ.get("OPENAI_API_KEY")
     if not api_key:
         die("OPENAI_API_KEY is not set: export it (any non-empty value for a local server)")
+    if not args.batch and os.path.exists(args.out + ".batches.json"):  # a live run would ask their prompts again
+        die(f"batches are in flight for {args.out}, listed in {args.out}.batches.json: rerun with --batch to collect"
+            f" them, or use another --out")
     out = Output(args.out, args, axes, names)
     if out.count >= args.target:
         print(f"{args.out} holds {out.count:,} stories, {args.target:,} asked for: nothing to do")

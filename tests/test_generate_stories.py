@@ -804,6 +804,19 @@ def test_batches_in_flight_are_refused_to_a_run_with_other_arguments(monkeypatch
         assert server.stats["batches"] == 4 and out.read_text() == written
 
 
+def test_live_run_is_refused_while_batches_are_in_flight(monkeypatch, tmp_path):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
+        argv = stop_with_batches_in_flight(monkeypatch, server, out)
+        with pytest.raises(SystemExit, match=rf"^error: batches are in flight for {re.escape(str(out))}, listed in"
+                                             rf" .*batches.json: rerun with --batch to collect them, or use another"
+                                             rf" --out$"):
+            generate(monkeypatch, server, out, "--n_stories=40")
+        assert server.stats["chat"] == 0
+        generate(monkeypatch, server, out, *argv, "--n_stories=40")
+    check_stories(out, 40)
+
+
 def test_batch_whose_id_was_lost_is_found_and_batches_no_longer_needed_are_cancelled(monkeypatch, tmp_path, capsys):
     out = tmp_path / "stories.jsonl"
     with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
