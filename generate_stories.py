@@ -43,7 +43,6 @@ Usage:
   python generate_stories.py --shard=0/4 --out=data/mystories/stories.0.jsonl  # machine 0 of 4; cat the files after
 """
 
-import argparse
 import asyncio
 import fcntl
 import hashlib
@@ -59,7 +58,7 @@ import openai
 from tqdm import tqdm
 
 from api_client import FatalError, GaveUp, RateLimiter, check_server, price_per_token, request_body, with_retries
-from configurator import atomic_write, die
+from configurator import Parser, atomic_write, boolean, die
 from stories import (HINTS, TOKENS_PER_PARAGRAPH, duplicate_key, dry_run, iter_prompts, load_axes, make_records,
                      parse_completion, prompts_for, token_counts)
 
@@ -67,17 +66,8 @@ MIN_GIVE_UPS = 10  # prompts in a row that get no answer before a run stops (at 
 MIN_ANSWERS = 100  # answers in before a run's yield is judged against --min_yield
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows this module's docstring as written, and each flag's default."""
-
-
 def parse_args(argv=None):
-    def boolean(s):
-        if s.lower() not in ("true", "false", "1", "0"):
-            raise argparse.ArgumentTypeError(f"expected True or False, got {s!r}")
-        return s.lower() in ("true", "1")
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p = Parser(__doc__, "generate_stories.py")
     p.add_argument("--n_stories", type=int, default=1000, help="stories wanted in all shards together")
     p.add_argument("--out", default="data/stories/stories.jsonl", help="output file, appended to and resumed")
     p.add_argument("--axes", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "axes.json"))
@@ -119,15 +109,27 @@ def parse_args(argv=None):
     if not m or not int(m.group(1)) < int(m.group(2)):
         die(f"--shard={args.shard}: expected i/n with 0 <= i < n, e.g. --shard=0/4")
     args.shard_index, args.n_shards = int(m.group(1)), int(m.group(2))
-    for name in ("n_stories", "stories_per_prompt", "max_tokens", "concurrency", "batches_in_flight", "max_unusable"):
+    # before anything is sent: a bound out of range would retry forever, wait forever or pay for nothing
+    for name in ("n_stories", "stories_per_prompt", "max_tokens", "concurrency", "batches_in_flight", "max_unusable",
+                 "max_words"):
         if getattr(args, name) < 1:
-            die(f"--{name}={getattr(args, name)}: must be at least 1")
+            die(f"--{name}={getattr(args, name)} must be at least 1")
+    for name in ("seed", "max_retries", "min_words", "n_examples"):
+        if getattr(args, name) < 0:
+            die(f"--{name}={getattr(args, name)} must not be negative")
+    for name in ("temperature", "top_p", "rpm", "tpm", "backoff", "price_in", "price_out"):
+        value = getattr(args, name)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            die(f"--{name}={value} must be a finite number, 0 or more")
+    for name in ("timeout", "poll_interval"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) > 0):
+            die(f"--{name}={getattr(args, name)} must be more than 0")
+    if args.min_words > args.max_words:
+        die(f"--min_words={args.min_words} is more than --max_words={args.max_words}: every story would be dropped")
     if not 0 <= args.min_yield <= 1:
-        die(f"--min_yield={args.min_yield}: must be between 0 and 1")
-    if args.seed < 0:
-        die(f"--seed={args.seed}: must be >= 0")
+        die(f"--min_yield={args.min_yield} must be between 0 and 1")
     if args.requests_per_batch < 0:
-        die(f"--requests_per_batch={args.requests_per_batch}: must be 0 (the most) or more")
+        die(f"--requests_per_batch={args.requests_per_batch} must be 0 (the most) or more")
     # this shard's part of the job
     args.target = args.n_stories // args.n_shards + (args.shard_index < args.n_stories % args.n_shards)
     return args

@@ -612,6 +612,35 @@ def test_help_shows_the_usage():
     assert result.returncode == 0 and "Usage:" in result.stdout and "--n_stories" in result.stdout
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--max_retries=-1"], "--max_retries=-1 must not be negative"),  # would retry forever
+    (["--rpm=-1"], r"--rpm=-1.0 must be a finite number, 0 or more"),  # would wait forever
+    (["--tpm=-5"], r"--tpm=-5.0 must be a finite number, 0 or more"),
+    (["--timeout=0"], "--timeout=0.0 must be more than 0"),
+    (["--poll_interval=nan", "--batch"], "--poll_interval=nan must be more than 0"),
+    (["--price_in=-1"], r"--price_in=-1.0 must be a finite number, 0 or more"),  # a negative cost
+    (["--price_out=inf"], r"--price_out=inf must be a finite number, 0 or more"),
+    (["--min_words=50", "--max_words=40"], "--min_words=50 is more than --max_words=40: every story would be dropped"),
+    (["--n_examples=-1", "--dry_run"], "--n_examples=-1 must not be negative"),
+    (["--max_tokens=4096.0"], r"argument --max_tokens: invalid int value: '4096.0'; `python generate_stories.py"
+                              r" --help` lists the flags"),
+    (["--n_stories=abc"], "argument --n_stories: invalid int value: 'abc'"),
+    (["--batch=maybe"], "argument --batch: expected True or False, got 'maybe'"),
+    (["--nstories=5"], "unrecognized arguments: --nstories=5"),  # no abbreviations either
+])
+def test_bad_flag_ends_in_one_line_before_anything_is_sent(monkeypatch, tmp_path, server, argv, message):
+    with pytest.raises(SystemExit, match=f"^error: {message}") as e:
+        generate(monkeypatch, server, tmp_path / "stories.jsonl", "--n_stories=20", *argv)
+    assert "\n" not in str(e.value) and server.log == [] and os.listdir(tmp_path) == []
+
+
+def test_bad_flag_exits_1_without_the_usage_block(tmp_path):
+    proc = start("http://127.0.0.1:9/v1", tmp_path / "stories.jsonl", "--max_tokens=4096.0")
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and stderr.splitlines() == [
+        "error: argument --max_tokens: invalid int value: '4096.0'; `python generate_stories.py --help` lists the flags"]
+
+
 def test_missing_key_is_one_clear_line(monkeypatch, tmp_path):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(SystemExit, match="OPENAI_API_KEY is not set"):
