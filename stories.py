@@ -239,19 +239,29 @@ def duplicate_key(story):
 
 
 def parse_completion(body):
-    """(text, finish_reason, id, model) of a chat completion as JSON; ValueError if it is not one."""
+    """(text, finish_reason, id, model) of a chat completion as JSON; ValueError if it is not one, its text is not
+    a string (a list of content parts) or its usage not token counts, so that it is retried as a bad answer."""
     try:
         choice = body["choices"][0]
         text = choice["message"]["content"] or ""
+        if not isinstance(text, str):
+            raise TypeError(f"content is a {type(text).__name__}, not a string")
+        token_counts(body)
         return text, choice.get("finish_reason"), body.get("id", ""), body.get("model", "")
-    except (KeyError, IndexError, TypeError) as e:
+    except (KeyError, IndexError, TypeError, AttributeError) as e:
         raise ValueError(f"not a chat completion: {e!r}") from None
 
 
 def token_counts(body):
-    """(prompt_tokens, completion_tokens) of a chat completion; 0 for what a server leaves out or sends as null."""
+    """(prompt_tokens, completion_tokens) of a chat completion; 0 for what a server leaves out or sends as null,
+    TypeError for usage that is not counts."""
     usage = body.get("usage") or {}
-    return usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
+    if not isinstance(usage, dict):
+        raise TypeError(f"usage is {usage!r}, not token counts")
+    counts = tuple(usage.get(key) or 0 for key in ("prompt_tokens", "completion_tokens"))
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in counts):
+        raise TypeError(f"usage is {usage!r}, not token counts")
+    return counts
 
 
 def make_records(k, labels, prompt, body, args, out, removed, fixed):

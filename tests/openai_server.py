@@ -27,6 +27,10 @@ Faults, injected at random with probability `fault_rate` or queued with `inject(
 and, only when queued, answers that end a run: 400 and 403, and quota (429 insufficient_quota).
 With `answer_fault` one of truncated, fewer or merged, every answer has it, live and in batches, as a
 model that always makes that mistake (or a --max_tokens always too small) would.
+Answers of the wrong shape (SHAPE_FAULTS), a story's or a grade, in every answer with answer_fault=kind:
+    content_parts   the content as a list of parts, [{"type": "text", "text": ...}], not a string
+    usage_text      usage "n/a", not an object
+    usage_strings   the token counts as strings
 Faults of a judge's answer (JUDGE_FAULTS), queued with inject(kind, n), drawn with faults=..., or in every
 judge answer with answer_fault=kind; a story request ignores them:
     not_json        a grade in words, not JSON
@@ -67,6 +71,7 @@ FAULTS = ("429", "500", "stall", "disconnect", "malformed", "truncated", "fewer"
 FATAL_FAULTS = ("400", "403", "quota")
 ANSWER_FAULTS = ("truncated", "fewer", "merged")  # faults of the answer's text, which may be a model's habit
 JUDGE_FAULTS = ("not_json", "out_of_range", "missing_score")
+SHAPE_FAULTS = ("content_parts", "usage_text", "usage_strings")  # answers of the wrong shape, stories and grades alike
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-nano", "gpt-5-nano")  # what GET /v1/models lists
 BATCH_FAULTS = ("failed", "expired", "garbled", "refused", "slow", "timeout")
 ERRORS = {  # status, and the error object of the answer
@@ -113,7 +118,7 @@ class OpenAIServer:
     def __init__(self, latency=0.0, fault_rate=0.0, faults=FAULTS, stall=2.0, retry_after=0.05, retry_after_ms=True,
                  api_key="sk-test-key", batch_delay=0.2, batch_fault_rate=0.0, answer_fault=None, seed=0, port=0,
                  json_schema=True):
-        assert answer_fault in (None,) + ANSWER_FAULTS + JUDGE_FAULTS, answer_fault
+        assert answer_fault in (None,) + ANSWER_FAULTS + JUDGE_FAULTS + SHAPE_FAULTS, answer_fault
         self.latency, self.fault_rate, self.faults, self.stall = latency, fault_rate, list(faults), stall
         self.answer_fault, self.json_schema = answer_fault, json_schema
         self.retry_after, self.retry_after_ms = retry_after, retry_after_ms
@@ -194,6 +199,17 @@ class OpenAIServer:
 
     def completion(self, body, fault=None):
         """A chat completion object for a request body; faults that change the answer applied."""
+        answer = self.chat_completion(body, fault)
+        message, usage = answer["choices"][0]["message"], answer["usage"]
+        if self.answer_fault == "content_parts":
+            message["content"] = [{"type": "text", "text": message["content"]}]
+        elif self.answer_fault == "usage_text":
+            answer["usage"] = "n/a"
+        elif self.answer_fault == "usage_strings":
+            answer["usage"] = {k: str(v) for k, v in usage.items()}
+        return answer
+
+    def chat_completion(self, body, fault=None):
         fault = fault or self.answer_fault
         prompt = body["messages"][-1]["content"]
         if JUDGE_RE.search(prompt) or (body.get("response_format") or {}).get("type") == "json_schema":

@@ -26,7 +26,7 @@ import data_report  # noqa: E402
 import evaluate  # noqa: E402
 import judge  # noqa: E402
 import prepare  # noqa: E402
-from openai_server import OpenAIServer  # noqa: E402
+from openai_server import SHAPE_FAULTS, OpenAIServer  # noqa: E402
 from tokenizer import LABELS  # noqa: E402
 
 KEY = "sk-test-evaluate"
@@ -279,6 +279,17 @@ def test_judge_that_never_answers_with_a_grade_stops_after_a_bounded_number_of_r
         assert "judge answers in a row were not grades (not_json" in line and "--response_format" in line
         assert 4 <= server.stats["chat"] <= 4 + 3
     assert len(lines(tmp_path / "judge.jsonl")) == server.stats["chat"]  # paid for: kept, not asked again
+
+
+def test_judge_answers_of_the_wrong_shape_are_retried_then_end_in_one_line(tiny, tmp_path):
+    for shape in SHAPE_FAULTS:  # content parts, usage "n/a", token counts as strings
+        with OpenAIServer(api_key=KEY, answer_fault=shape) as server:
+            result = judge_run(tiny, server.url, "--n_prompts=6", "--max_retries=1", f"--eval_dir={tmp_path}")
+            line = one_error_line(result)
+            assert "6 prompts in a row got no answer from the judge: 2 tries failed, the last with an answer that is" \
+                   " not a chat completion" in line, line
+            assert server.stats["chat"] == 6 * 2
+        assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("case, message", [

@@ -27,7 +27,7 @@ import api_client  # noqa: E402
 import batch_api  # noqa: E402
 import generate_stories as gs  # noqa: E402
 import stories  # noqa: E402
-from openai_server import FAULTS, OpenAIServer  # noqa: E402
+from openai_server import FAULTS, SHAPE_FAULTS, OpenAIServer  # noqa: E402
 
 KEY = "sk-test-7f3a9c2e51"  # distinctive, to look for it in every file and log
 AXES_PATH = os.path.join(ROOT, "axes.json")
@@ -508,6 +508,24 @@ def test_answers_that_are_all_unusable_end_the_run_in_one_clear_line(monkeypatch
         assert "\n" not in str(e.value)
         assert server.stats["chat"] <= 20 + 32  # --max_unusable, and those in flight at --concurrency
     assert os.listdir(tmp_path) == []  # a run that wrote no story leaves nothing, so a rerun may change arguments
+
+
+@pytest.mark.parametrize("shape", SHAPE_FAULTS)
+def test_answers_of_the_wrong_shape_are_retried_then_end_the_run_in_one_line(monkeypatch, tmp_path, shape):
+    with OpenAIServer(answer_fault=shape, api_key=KEY, batch_delay=0.02) as server:
+        proc = start(server.url, tmp_path / "stories.jsonl", "--n_stories=40", "--concurrency=4", "--max_retries=1")
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1 and "Traceback" not in stderr
+        assert re.search(r"error: 10 prompts in a row got no answer: 2 tries failed, the last with an answer"
+                         r" that is not a chat completion: check that .* answers", stderr.splitlines()[-1]), stderr
+        assert server.stats["chat"] <= 2 * (10 + 4)
+        # in a batch, such an answer is a failed request, paid for, and counted by --max_unusable
+        with pytest.raises(SystemExit, match=r"^error: 10 answers in a row gave no usable story \(request_failed 10\):"
+                                             r" the batch answers its requests with an error \(not a chat completion"):
+            generate(monkeypatch, server, tmp_path / "stories.jsonl", "--batch", "--n_stories=40", "--max_unusable=3",
+                     "--poll_interval=0.02")
+        assert server.stats["batches"] == 1
+    assert os.listdir(tmp_path) == []
 
 
 def test_run_whose_yield_is_too_low_ends(monkeypatch, tmp_path):
