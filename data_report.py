@@ -439,8 +439,9 @@ def data_markdown(results, args):
             lambda r: f"{r['words']['mean']:.0f} ({r['words']['p5']}, {r['words']['median']}, {r['words']['p95']})"),
         row("paragraphs per story: mean (median)", lambda r: f"{r['paragraphs']['mean']:.1f} ({r['paragraphs']['median']})"),
         row("Zipf exponent of 4-gram frequencies", lambda r: "-" if r["zipf"]["exponent"] is None else f"{r['zipf']['exponent']:.3f}"),
-        *[row(f"distinct-{n}", lambda r, n=n: f"{r['distinct'][str(n)]['ratio']:.3f}"
-              + ("" if r["distinct"][str(n)]["exact"] else " (HLL)")) for n in (1, 2, 3, 4)],
+        *[row(f"distinct-{n}", lambda r, n=n: "-" if r["distinct"][str(n)]["ratio"] is None else  # no n-gram
+              f"{r['distinct'][str(n)]['ratio']:.3f}" + ("" if r["distinct"][str(n)]["exact"] else " (HLL)"))
+          for n in (1, 2, 3, 4)],
         row("most common opening (share of stories)", opening),
         row("opening entropy (bits); distinct openings",
             lambda r: f"{r['openings']['entropy_bits']:.2f}; {r['openings']['distinct']:,}"),

@@ -428,6 +428,16 @@ def test_sketches_past_their_exact_range():
     assert (estimate[:20] == true[:20]).all()  # the heavy hitters, never dropped: exact
 
 
+def test_data_report_of_stories_too_short_for_a_4_gram(tmp_path, capsys):
+    data = tmp_path / "short.jsonl"
+    data.write_text('{"story": "Hi there."}\n{"story": "Go home now."}\n')
+    evaluate.main([f"--data={data}", f"--eval_dir={tmp_path / 'report'}"])
+    [report] = json.load(open(tmp_path / "report" / "data.json"))["datasets"]
+    assert report["distinct"]["4"]["ratio"] is None and report["distinct"]["3"]["ratio"] == 1.0
+    markdown = open(tmp_path / "report" / "data.md").read()
+    assert "| distinct-4 | - |" in markdown and "| Zipf exponent of 4-gram frequencies | - |" in markdown
+
+
 def test_data_report_bad_inputs_end_in_one_line(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "bad.jsonl").write_text('{"story": "A fox."}\n{not json\n')
