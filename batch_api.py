@@ -37,6 +37,10 @@ async def run_batch(client, args, axes, names, out, progress):
         try:
             with open(state_path) as f:
                 in_flight = json.load(f)["batches"]
+            for entry in in_flight:
+                if not (isinstance(entry["input_file_id"], str) and isinstance(entry["batch_id"], (str, type(None)))
+                        and all(type(k) is int for k in entry["prompt_ids"])):
+                    raise ValueError(f"a batch that is not one: {entry}")
         except (ValueError, KeyError, TypeError) as e:
             raise FatalError(f"{state_path} is damaged ({e!r}): restore it, or use another --out") from None
 

@@ -208,6 +208,8 @@ class Output:
             try:
                 record = json.loads(line)
                 k, key = record["prompt_id"], duplicate_key(record["story"])
+                if type(k) is not int:
+                    raise TypeError(f"prompt_id {k!r}")
             except (ValueError, KeyError, TypeError, AttributeError):
                 die(f"line {n} of {path} is not a story record: fix or remove it, or use another"
                          f" --out")
@@ -223,7 +225,10 @@ class Output:
             self.count += 1
         for n, line in complete_lines(self.dropped, self.dropped_path):
             try:
-                self.prompt_ids.add(json.loads(line)["prompt_id"])
+                k = json.loads(line)["prompt_id"]
+                if type(k) is not int:
+                    raise TypeError(f"prompt_id {k!r}")
+                self.prompt_ids.add(k)
             except (ValueError, KeyError, TypeError):
                 die(f"line {n} of {self.dropped_path} is not a dropped prompt: fix or remove it, or use"
                          f" another --out")

@@ -864,6 +864,29 @@ def test_live_run_is_refused_while_batches_are_in_flight(monkeypatch, tmp_path):
     check_stories(out, 40)
 
 
+@pytest.mark.parametrize("state", ['{"batches": [{"foo": 1}]}', '{"batches": [1]}', '[]',
+                                   '{"batches": [{"input_file_id": "f", "batch_id": null, "prompt_ids": ["7"]}]}'])
+def test_damaged_batches_file_ends_in_one_line(monkeypatch, tmp_path, server, state):
+    out = tmp_path / "stories.jsonl"
+    (tmp_path / "stories.jsonl.batches.json").write_text(state)
+    with pytest.raises(SystemExit, match=rf"^error: {re.escape(str(out))}.batches.json is damaged \(.*\): restore it,"
+                                         rf" or use another --out$"):
+        generate(monkeypatch, server, out, "--batch", "--n_stories=8")
+    assert server.stats["batches"] == 0
+
+
+@pytest.mark.parametrize("name, line", [("stories.jsonl", {"story": "A fox ran.", "prompt_id": "7"}),
+                                        ("stories.jsonl", {"story": "A fox ran.", "prompt_id": None}),
+                                        ("stories.jsonl.dropped.jsonl", {"prompt_id": "7"})])
+def test_record_with_a_prompt_id_that_is_not_a_number_ends_in_one_line(monkeypatch, tmp_path, server, name, line):
+    out = tmp_path / "stories.jsonl"
+    (tmp_path / name).write_text(json.dumps(line) + "\n")
+    with pytest.raises(SystemExit, match=rf"^error: line 1 of {re.escape(str(tmp_path / name))} is not a"
+                                         rf" (story record|dropped prompt): fix or remove it, or use another --out$"):
+        generate(monkeypatch, server, out, "--n_stories=8")
+    assert server.log == []
+
+
 def test_batch_whose_id_was_lost_is_found_and_batches_no_longer_needed_are_cancelled(monkeypatch, tmp_path, capsys):
     out = tmp_path / "stories.jsonl"
     with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
