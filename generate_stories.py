@@ -393,6 +393,14 @@ class Progress:
             self.bar.write(f"note: retrying requests that failed with {error} (retry {self.retries:,})",
                            file=sys.stderr)
 
+    def close(self):
+        """Close the progress bar and end its line, so that an error has a line of its own. A note draws the bar
+        even before its delay is up, and tqdm's close ends only a line it drew itself."""
+        drawn_by_a_note = self.waiting_for is not None and self.bar.last_print_t < self.bar.start_t + self.bar.delay
+        self.bar.close()
+        if drawn_by_a_note:
+            print(file=sys.stderr)
+
     def cost(self):
         return self.stats["prompt_tokens"] * self.price[0] + self.stats["completion_tokens"] * self.price[1]
 
@@ -456,10 +464,12 @@ async def run_live(client, args, axes, names, out, progress):
                     changed.notify_all()
 
     workers = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
-    done, pending = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:  # the target is met (the rest would only add surplus), or a fatal error
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
+    try:
+        done, _ = await asyncio.wait(workers, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # the target is met (the rest would only add surplus), a fatal error, or Ctrl-C, which closes the client:
+        for task in workers:  # the requests in flight would fail and be retried on it
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
     errors = [task.exception() for task in done if task.exception()]  # several workers may meet a bad key at once
     if errors:
         raise errors[0]
@@ -507,8 +517,8 @@ def main(argv=None):
         die(f"{e}; check --out")
     except KeyboardInterrupt:
         sys.exit(f"interrupted: {out.count:,} stories in {args.out}; run the same command to go on")
-    finally:
-        progress.bar.close()
+    finally:  # before the line that sys.exit prints
+        progress.close()
         out.close()
     dt, s = time.time() - t0, progress.stats
     print(f"done: {out.count:,} stories in {args.out} ({out.count - start_count:,} new, {args.target:,} asked for)"

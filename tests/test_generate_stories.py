@@ -485,6 +485,21 @@ def test_run_that_gets_no_answers_stops_in_one_clear_line(monkeypatch, tmp_path)
         assert server.stats["chat"] - chats <= 6  # the 2 prompts, and one begun beside them
 
 
+def test_ctrl_c_stops_the_run_in_one_line_without_retrying(tmp_path):
+    with OpenAIServer(latency=0.3, api_key=KEY) as server:
+        out = tmp_path / "stories.jsonl"
+        proc = start(server.url, out, "--n_stories=400", "--concurrency=4")
+        deadline = time.time() + 30
+        while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 16):
+            time.sleep(0.01)
+        time.sleep(0.1)  # requests in flight
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=30)
+    n = out.read_text().count("\n")
+    assert proc.returncode == 1 and "Traceback" not in stderr and "note:" not in stderr, stderr
+    assert stderr.splitlines()[-1] == f"interrupted: {n} stories in {out}; run the same command to go on"
+
+
 def test_a_run_that_waits_on_retries_says_for_what(monkeypatch, tmp_path, server, capsys):
     server.inject("500", 2)
     server.inject("429")
@@ -516,8 +531,9 @@ def test_answers_of_the_wrong_shape_are_retried_then_end_the_run_in_one_line(mon
         proc = start(server.url, tmp_path / "stories.jsonl", "--n_stories=40", "--concurrency=4", "--max_retries=1")
         stdout, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 1 and "Traceback" not in stderr
-        assert re.search(r"error: 10 prompts in a row got no answer: 2 tries failed, the last with an answer"
-                         r" that is not a chat completion: check that .* answers", stderr.splitlines()[-1]), stderr
+        # after the retry notes, the error is a line of its own, not glued to the progress bar's
+        assert re.match(r"error: 10 prompts in a row got no answer: 2 tries failed, the last with an answer"
+                        r" that is not a chat completion: check that .* answers", stderr.splitlines()[-1]), stderr
         assert server.stats["chat"] <= 2 * (10 + 4)
         # in a batch, such an answer is a failed request, paid for, and counted by --max_unusable
         with pytest.raises(SystemExit, match=r"^error: 10 answers in a row gave no usable story \(request_failed 10\):"
