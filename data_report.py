@@ -366,7 +366,7 @@ def check_data(spec):
     if not spec.startswith(HUB) and not any(c in spec for c in "*?[") and not os.path.exists(spec):
         raise ValueError(f"--data={spec} does not exist; give a .jsonl, .parquet or .txt file, a folder or glob "
                          f"of them, or hf:OWNER/NAME")
-    input_files(spec)
+    input_files(spec, flag="--data")
 
 
 def data_mode(args):

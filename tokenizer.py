@@ -34,8 +34,9 @@ HUB = "hf:"  # the prefix of an input on the Hugging Face hub
 VAL_SPLITS = ("test", "validation")  # the hub split that goes to val.bin, the first one a dataset has
 
 
-def hub_splits(repo_id):
-    """{split: [parquet files]} of a dataset on the Hugging Face hub, downloaded once into the hub's cache.
+def hub_splits(repo_id, flag="--input"):
+    """{split: [parquet files]} of a dataset on the Hugging Face hub, downloaded once into the hub's cache; flag is
+    the script's flag for an input, which the errors name.
     A file's split is the first part of its path named like one: data/train-00000-of-00004.parquet is in
     train, default/test/0000.parquet in test."""
     from huggingface_hub import snapshot_download
@@ -45,14 +46,14 @@ def hub_splits(repo_id):
     except Exception as e:  # offline, not found, gated: huggingface_hub has many error types, all end here
         raise ValueError(f"cannot get dataset {repo_id} from the Hugging Face hub ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else 'no details'}); check the name and the network, "
-                         f"or download it and give --input a local folder") from None
+                         f"or download it and give {flag} a local folder") from None
     splits = {}
     for path in sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True)):
         parts = [re.split(r"[-_.]", part)[0] for part in os.path.relpath(path, folder).split(os.sep)]
         split = next((p for p in parts if p in ("train", "test", "validation", "valid", "dev")), "train")
         splits.setdefault(split, []).append(path)
     if not splits:
-        raise ValueError(f"dataset {repo_id} on the Hugging Face hub has no parquet files; give --input a local copy")
+        raise ValueError(f"dataset {repo_id} on the Hugging Face hub has no parquet files; give {flag} a local copy")
     return splits
 
 
@@ -69,15 +70,16 @@ def input_name(spec):
     return os.path.basename(os.path.dirname(os.path.abspath(input_files(spec)[0])))
 
 
-def input_files(spec):
+def input_files(spec, flag="--input"):
     """Files named by spec: a file, a folder (its .jsonl, .parquet and .txt files), a glob pattern, or a
-    dataset on the Hugging Face hub, 'hf:OWNER/NAME[:SPLIT]' (the train split unless another is named)."""
+    dataset on the Hugging Face hub, 'hf:OWNER/NAME[:SPLIT]' (the train split unless another is named); flag is
+    the script's flag for an input, which the errors name."""
     if spec.startswith(HUB):
         repo_id, split = parse_hub(spec)
-        splits = hub_splits(repo_id)
+        splits = hub_splits(repo_id, flag)
         if (split or "train") not in splits:
             raise ValueError(f"dataset {repo_id} has no split {split or 'train'!r} (it has {', '.join(splits)}); "
-                             f"name one as --input=hf:{repo_id}:SPLIT")
+                             f"name one as {flag}=hf:{repo_id}:SPLIT")
         return splits[split or "train"]
     if os.path.isdir(spec):
         files = sorted(f for ext in ("jsonl", "parquet", "txt") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
@@ -89,7 +91,7 @@ def input_files(spec):
         raise ValueError(f"no input files match {spec!r}; give a .jsonl, .parquet or .txt file, a folder of them, or a glob pattern")
     for f in files:
         if not os.path.isfile(f):
-            raise ValueError(f"input file {f} does not exist; run generate_stories.py or point --input at your stories")
+            raise ValueError(f"input file {f} does not exist; run generate_stories.py or point {flag} at your stories")
         if not f.endswith((".jsonl", ".parquet", ".txt")):
             raise ValueError(f"{f}: unknown input format; use .jsonl (one JSON record per line), .parquet (column 'story') or .txt")
     return files

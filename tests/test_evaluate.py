@@ -446,3 +446,5 @@ def test_data_report_bad_inputs_end_in_one_line(tmp_path):
     assert "holds no stories" in error_of([f"--data={tmp_path / 'empty.jsonl'}", f"--eval_dir={tmp_path / 'r'}"])
     assert "bad.jsonl line 2: not valid JSON" in error_of([f"--data={tmp_path / 'bad.jsonl'}", f"--eval_dir={tmp_path / 'r'}"])
     assert "--jaccard=0.0 must be in (0, 1]" in error_of([f"--data={SAMPLE}", "--jaccard=0"])
+    result = run("evaluate.py", "--data=hf:nobody/nothing", cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
+    assert one_error_line(result).endswith("or download it and give --data a local folder")  # the flag it has
