@@ -20,7 +20,7 @@ position would not be a norm-free LlamaForCausalLM, so it is not done here).
 
 Writes --out/ckpt.pt (default: out_dir + "_normfree"), a train.py checkpoint of the model with norm='none':
 sample.py, evaluate.py and export.py take it, and train.py --init_from=resume trains it further (from step 0,
-with the settings of the run it came from). Prints the val loss (train.py's: the mean over eval_seqs fixed
+with the settings of the run it came from, and with AdamW, whose state the fine-tuning leaves, even after Muon). Prints the val loss (train.py's: the mean over eval_seqs fixed
 windows of val.bin) before, right after each group's removal, and after its fine-tuning.
 """
 
@@ -227,8 +227,9 @@ def main():
 
     state = {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_config": asdict(model.config),
-        # a resume trains it further from step 0 with the settings of the run it came from, and no norms
-        "train_config": {**train_config, "norm": "none", "dataset": dataset, "out_dir": out},
+        # a resume trains it further from step 0 with the settings of the run it came from, and no norms; its
+        # optimizer state is the fine-tuning's AdamW, whatever optimizer the run used
+        "train_config": {**train_config, "norm": "none", "dataset": dataset, "out_dir": out, "optimizer": "adamw"},
         "iter_num": 0, "best_val_loss": final, "loss_since_log": (0.0, 0),
         "tokenizer": checkpoint["tokenizer"], "meta": meta,
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.empty(0)},
