@@ -5,6 +5,8 @@
     python export.py --out_dir=out/5m --hf_dir=hf/5m-step512 --step=512   # a snapshot (train.py --keep_checkpoints)
     python export.py --from_hf=hf/5m --out_dir=out/imported           # back: a checkpoint sample.py and train.py take
 
+An --hf_dir that is not empty, or an --out_dir that holds a ckpt.pt, is refused unless --overwrite=True is given.
+
 The folder loads with transformers (AutoModelForCausalLM, AutoTokenizer), TransformerLens
 (TransformerBridge.boot_transformers) and nnsight:
     config.json              LlamaConfig: rope_theta, rms_norm_eps, tie_word_embeddings, max_position_embeddings
@@ -30,11 +32,12 @@ tokenizer.json of their own; Tokenizer reads it, so `python sample.py --hf_dir=D
 import argparse
 import json
 import os
+import tempfile
 from dataclasses import asdict
 
 import torch
 
-from configurator import atomic_write, die
+from configurator import atomic_write, boolean, die, folder_problem
 from model import GPT, GPTConfig
 from tokenizer import SP_SPACE, Tokenizer
 
@@ -157,16 +160,22 @@ def export(out_dir, hf_dir, push_to_hub="", step=None):
         tokenizer_object=fast_tokenizer(tok), bos_token=tok.sp.id_to_piece(tok.bos_id),
         eos_token=tok.sp.id_to_piece(tok.eos_id), unk_token=tok.sp.id_to_piece(0), split_special_tokens=True,
         clean_up_tokenization_spaces=False, model_max_length=c.n_ctx)
-    os.makedirs(hf_dir, exist_ok=True)
-    llama.save_pretrained(hf_dir)
-    hf_tokenizer.save_pretrained(hf_dir)
-    path = os.path.join(hf_dir, "tokenizer_config.json")
-    with open(path) as f:
-        tokenizer_config = json.load(f)
-    with atomic_write(path, "w") as f:  # the class name that transformers 4 and 5 both know
-        json.dump({**tokenizer_config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
-    with atomic_write(os.path.join(hf_dir, "tokenizer.model")) as f:
-        f.write(tok.proto)
+    # written into a folder beside hf_dir and moved in when whole: a failed export leaves hf_dir as it was
+    parent = os.path.dirname(os.path.abspath(hf_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as tmp:
+        llama.save_pretrained(tmp)
+        hf_tokenizer.save_pretrained(tmp)
+        path = os.path.join(tmp, "tokenizer_config.json")
+        with open(path) as f:
+            tokenizer_config = json.load(f)
+        with open(path, "w") as f:  # the class name that transformers 4 and 5 both know
+            json.dump({**tokenizer_config, "tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
+        with open(os.path.join(tmp, "tokenizer.model"), "wb") as f:
+            f.write(tok.proto)
+        os.makedirs(hf_dir, exist_ok=True)
+        for name in os.listdir(tmp):
+            os.replace(os.path.join(tmp, name), os.path.join(hf_dir, name))
     if push_to_hub:
         from huggingface_hub import HfApi
 
@@ -272,18 +281,35 @@ def main():
     parser.add_argument("--from_hf", default="", help="a Hugging Face folder to import into --out_dir")
     parser.add_argument("--push_to_hub", default="", help="also upload --hf_dir to this hub repo (user/name)")
     parser.add_argument("--step", type=int, default=None, help="export the snapshot of this step (train.py --keep_checkpoints)")
+    parser.add_argument("--overwrite", type=boolean, nargs="?", const=True, default=False,
+                        help="replace the files of an --hf_dir that is not empty, or the ckpt.pt of an import's --out_dir")
     args = parser.parse_args()
     if not args.out_dir or bool(args.hf_dir) == bool(args.from_hf):
         die("give --out_dir and either --hf_dir (export) or --from_hf (import); --help shows both")
     if args.from_hf:
-        if os.path.exists(os.path.join(args.out_dir, "ckpt.pt")):
-            die(f"{os.path.join(args.out_dir, 'ckpt.pt')} exists: import into another --out_dir")
-        import_hf(args.from_hf, args.out_dir)
-        print(f"wrote {os.path.join(args.out_dir, 'ckpt.pt')} from {args.from_hf}")
+        ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
+        if os.path.exists(ckpt_path) and not args.overwrite:
+            die(f"{ckpt_path} exists: import into another --out_dir, or replace it with --overwrite=True")
+        problem = folder_problem(args.out_dir)
+        if problem:
+            die(f"--out_dir={args.out_dir} cannot be written: {problem}; choose another --out_dir")
+        try:
+            import_hf(args.from_hf, args.out_dir)
+        except OSError as e:
+            die(f"cannot write {ckpt_path}: {e.strerror or e}; choose another --out_dir")
+        print(f"wrote {ckpt_path} from {args.from_hf}")
     else:
         if args.step is not None and args.step < 0:
             die(f"--step={args.step} must be 0 or more")
-        export(args.out_dir, args.hf_dir, args.push_to_hub, args.step)
+        problem = folder_problem(args.hf_dir)
+        if problem:
+            die(f"--hf_dir={args.hf_dir} cannot be written: {problem}; choose another --hf_dir")
+        if os.path.isdir(args.hf_dir) and os.listdir(args.hf_dir) and not args.overwrite:
+            die(f"--hf_dir={args.hf_dir} is not empty; give --overwrite=True to replace its files, or another --hf_dir")
+        try:
+            export(args.out_dir, args.hf_dir, args.push_to_hub, args.step)
+        except OSError as e:
+            die(f"cannot write {args.hf_dir}: {e.strerror or e}; choose another --hf_dir")
         print(f"wrote {args.hf_dir}: " + ", ".join(sorted(os.listdir(args.hf_dir))))
 
 

@@ -239,3 +239,32 @@ def test_bad_export_arguments(tmp_path):
     assert "either --hf_dir (export) or --from_hf (import)" in one_error_line(run("export.py", cwd=tmp_path))
     assert "train a model with train.py" in one_error_line(run("export.py", "--out_dir=none", "--hf_dir=hf", cwd=tmp_path))
     assert "cannot read" in one_error_line(run("export.py", "--from_hf=none", "--out_dir=out", cwd=tmp_path))
+
+
+def test_export_and_import_refuse_to_overwrite_unless_told(exported, tmp_path):
+    shutil.copytree(exported / "hf", tmp_path / "hf")
+    (tmp_path / "hf" / "config.json").write_text("{}")  # a mark: the folder is replaced only with --overwrite=True
+    line = one_error_line(run("export.py", f"--out_dir={exported / 'run'}", f"--hf_dir={tmp_path / 'hf'}", cwd=tmp_path))
+    assert "is not empty; give --overwrite=True" in line and (tmp_path / "hf" / "config.json").read_text() == "{}"
+    result = run("export.py", f"--out_dir={exported / 'run'}", f"--hf_dir={tmp_path / 'hf'}", "--overwrite=True", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "hf" / "config.json").read_text() == (exported / "hf" / "config.json").read_text()
+    shutil.copytree(exported / "back", tmp_path / "back")
+    line = one_error_line(run("export.py", f"--from_hf={exported / 'hf'}", f"--out_dir={tmp_path / 'back'}", cwd=tmp_path))
+    assert "ckpt.pt exists" in line and "--overwrite=True" in line
+    result = run("export.py", f"--from_hf={exported / 'hf'}", f"--out_dir={tmp_path / 'back'}", "--overwrite", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_unwritable_output_is_one_line_and_a_failed_export_writes_nothing(exported, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    for args in ([f"--out_dir={exported / 'run'}", "--hf_dir=file"], [f"--out_dir={exported / 'run'}", "--hf_dir=file/hf"],
+                 [f"--from_hf={exported / 'hf'}", "--out_dir=file"]):
+        assert "file is a file, not a folder" in one_error_line(run("export.py", *args, cwd=tmp_path))
+    # a write that fails half-way leaves no folder, and no temporary one beside it
+    def fail(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(transformers.PreTrainedTokenizerFast, "save_pretrained", fail)
+    with pytest.raises(OSError):
+        export.export(str(exported / "run"), str(tmp_path / "out" / "hf"))
+    assert os.listdir(tmp_path / "out") == []
