@@ -179,7 +179,12 @@ def export(out_dir, hf_dir, push_to_hub="", step=None):
     if push_to_hub:
         from huggingface_hub import HfApi
 
-        HfApi().upload_folder(folder_path=hf_dir, repo_id=push_to_hub, repo_type="model")
+        try:
+            HfApi().upload_folder(folder_path=hf_dir, repo_id=push_to_hub, repo_type="model")
+        except Exception as e:  # the hub's own errors, and its HTTP library's for a network that is down
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise ValueError(f"wrote {hf_dir}, but its upload to {push_to_hub} failed ({type(e).__name__}: {reason}); "
+                             f"the folder stays: upload it with `hf upload {push_to_hub} {hf_dir}` (logged in: `hf auth login`)") from None
 
 
 def read_llama(hf_dir):
@@ -301,6 +306,13 @@ def main():
     else:
         if args.step is not None and args.step < 0:
             die(f"--step={args.step} must be 0 or more")
+        if args.push_to_hub:
+            from huggingface_hub.utils import validate_repo_id
+
+            try:
+                validate_repo_id(args.push_to_hub)
+            except ValueError as e:
+                die(f"--push_to_hub={args.push_to_hub} is not a hub repo id (user/name): {e}")
         problem = folder_problem(args.hf_dir)
         if problem:
             die(f"--hf_dir={args.hf_dir} cannot be written: {problem}; choose another --hf_dir")

@@ -268,3 +268,14 @@ def test_unwritable_output_is_one_line_and_a_failed_export_writes_nothing(export
     with pytest.raises(OSError):
         export.export(str(exported / "run"), str(tmp_path / "out" / "hf"))
     assert os.listdir(tmp_path / "out") == []
+
+
+def test_failed_upload_is_one_line_and_keeps_the_folder(exported, tmp_path):
+    result = run("export.py", f"--out_dir={exported / 'run'}", "--hf_dir=hf", "--push_to_hub=someone/x", cwd=tmp_path,
+                 env={"HF_HUB_OFFLINE": "1"})
+    line = one_error_line(result)
+    assert "wrote hf, but its upload to someone/x failed" in line and "hf upload someone/x hf" in line
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    line = one_error_line(run("export.py", f"--out_dir={exported / 'run'}", "--hf_dir=hf2", "--push_to_hub=bad name!/x",
+                              cwd=tmp_path))
+    assert "--push_to_hub=bad name!/x is not a hub repo id" in line and not (tmp_path / "hf2").exists()
