@@ -190,6 +190,7 @@ def export(out_dir, hf_dir, push_to_hub="", step=None):
 def read_llama(hf_dir):
     """(GPTConfig, our state dict, Tokenizer) of a Hugging Face folder of our family, read without transformers.
     ValueError, naming what differs, for a folder that is not."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = os.path.join(hf_dir, "config.json")
@@ -198,7 +199,20 @@ def read_llama(hf_dir):
             config = json.load(f)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {path} ({e}); give --hf_dir a Hugging Face model folder") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} is not a JSON object; give --hf_dir a Hugging Face model folder")
+    # the shape, in positive whole numbers (a bool is not one); without num_key_value_heads, no grouped heads
+    required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
+                "vocab_size")
+    shape = {key: config.get(key) for key in required}
+    shape["num_key_value_heads"] = config.get("num_key_value_heads", shape["num_attention_heads"])
+    bad = [f"{key}={value!r}" if key in config else f"{key} missing" for key, value in shape.items()
+           if (type(value) is not int or value < 1) and (key in required or key in config)]
+    if bad:
+        raise ValueError(f"{path} does not give the model's shape in positive whole numbers: {', '.join(bad)}")
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}  # transformers 5 and 4 spell it apart
+    if not isinstance(rope, dict):
+        raise ValueError(f"{path}: its RoPE parameters {rope!r} are not a JSON object")
     differs = [what for what, wrong in (
         (f"model_type {config.get('model_type')!r}, not 'llama'", config.get("model_type") != "llama"),
         (f"hidden_act {config.get('hidden_act')!r}, not 'silu'", config.get("hidden_act", "silu") != "silu"),
@@ -206,28 +220,32 @@ def read_llama(hf_dir):
         (f"RoPE scaling {rope.get('rope_type', rope.get('type'))!r}", rope.get("rope_type", rope.get("type", "default"))
          not in ("default", None)),
         ("head_dim other than hidden_size / num_attention_heads",
-         config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-         != config["hidden_size"] // config["num_attention_heads"]),
+         config.get("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
+         != shape["hidden_size"] // shape["num_attention_heads"]),
     ) if wrong]
     if differs:
         raise ValueError(f"{hf_dir} is not a model of our family: {'; '.join(differs)}")
     try:
         model_config = GPTConfig(
-            n_layers=config["num_hidden_layers"], d_model=config["hidden_size"], n_heads=config["num_attention_heads"],
-            n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]), d_mlp=config["intermediate_size"],
-            n_ctx=config["max_position_embeddings"], d_vocab=config["vocab_size"],
+            n_layers=shape["num_hidden_layers"], d_model=shape["hidden_size"], n_heads=shape["num_attention_heads"],
+            n_kv_heads=shape["num_key_value_heads"], d_mlp=shape["intermediate_size"],
+            n_ctx=shape["max_position_embeddings"], d_vocab=shape["vocab_size"],
             rope_base=float(rope.get("rope_theta", config.get("rope_theta", 10000.0))),
             norm_eps=float(config.get("rms_norm_eps", 1e-6)))
         if model_config.norm_eps >= NORM_FREE_EPS:  # norms that do not normalize: a model without norms
             model_config.norm = "none"
-    except (KeyError, ValueError) as e:
+    except (TypeError, ValueError) as e:
         raise ValueError(f"{path} does not describe a model of our family ({e})") from None
     files = sorted(f for f in os.listdir(hf_dir) if f.endswith(".safetensors"))
     if not files:
         raise ValueError(f"{hf_dir} holds no .safetensors weights; save the model with safe_serialization")
     state = {}
     for f in files:
-        state.update(load_file(os.path.join(hf_dir, f)))
+        try:
+            state.update(load_file(os.path.join(hf_dir, f)))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {os.path.join(hf_dir, f)} ({e}): it is corrupt or cut short; download "
+                             f"or export it again") from None
     if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state.get("model.embed_tokens.weight")):
         raise ValueError(f"{hf_dir} is not a model of our family: its input and output embeddings differ (our GPT ties them)")
     ours = our_state_dict({k: v.float() for k, v in state.items()})
@@ -239,6 +257,11 @@ def read_llama(hf_dir):
     if extra or missing:
         raise ValueError(f"{hf_dir} is not a model of our family: weights {', '.join(sorted(extra)[:3]) or 'none'} "
                          f"too many, {', '.join(sorted(missing)[:3]) or 'none'} missing")
+    wrong = [f"{key} {tuple(ours[key].shape)}, not {tuple(expected[key].shape)}" for key in expected
+             if ours[key].shape != expected[key].shape]
+    if wrong:
+        raise ValueError(f"{hf_dir}: its weights do not have the shape its config.json gives: {'; '.join(wrong[:2])}"
+                         f"{f' and {len(wrong) - 2} more' if len(wrong) > 2 else ''}")
     for name in ("tokenizer.model", "tokenizer.json"):  # our own sentencepiece file first: it is what the bins used
         if os.path.isfile(os.path.join(hf_dir, name)):
             tok = Tokenizer(os.path.join(hf_dir, name))

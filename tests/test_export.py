@@ -279,3 +279,31 @@ def test_failed_upload_is_one_line_and_keeps_the_folder(exported, tmp_path):
     line = one_error_line(run("export.py", f"--out_dir={exported / 'run'}", "--hf_dir=hf2", "--push_to_hub=bad name!/x",
                               cwd=tmp_path))
     assert "--push_to_hub=bad name!/x is not a hub repo id" in line and not (tmp_path / "hf2").exists()
+
+
+def break_config(folder, change):
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(change(config)))
+
+
+@pytest.mark.parametrize("breaking, message", [
+    pytest.param(lambda d: break_config(d, lambda c: {"model_type": "llama"}),
+                 "does not give the model's shape in positive whole numbers: num_hidden_layers missing, hidden_size missing",
+                 id="no shape"),
+    pytest.param(lambda d: break_config(d, lambda c: {**c, "max_position_embeddings": "x"}), "max_position_embeddings='x'",
+                 id="context of text"),
+    pytest.param(lambda d: (d / "config.json").write_text("[1, 2]"), "config.json is not a JSON object", id="not an object"),
+    pytest.param(lambda d: break_config(d, lambda c: {**c, "intermediate_size": 100}),
+                 "its weights do not have the shape its config.json gives: blocks.0.mlp.gate_proj.weight (170, 64), not (100, 64)",
+                 id="shape unlike the weights"),
+    pytest.param(lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+                 "model.safetensors (Error while deserializing header", id="weights cut short"),
+])
+def test_broken_folders_are_refused_naming_the_problem(exported, tmp_path, breaking, message):
+    shutil.copytree(exported / "hf", tmp_path / "hf")
+    breaking(tmp_path / "hf")
+    with pytest.raises(ValueError) as e:
+        export.read_llama(str(tmp_path / "hf"))
+    assert str(tmp_path / "hf") in str(e.value) and message in str(e.value)
+    # the scripts that read a folder end in that one line
+    assert one_error_line(run("sample.py", f"--hf_dir={tmp_path / 'hf'}", cwd=tmp_path)) == f"error: {e.value}"
