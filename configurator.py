@@ -30,11 +30,13 @@ def die(message):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse for the scripts that take flags only (evaluate.py, activations.py): a bad flag ends in one line, as
-    every error here does; --help shows the script's docstring as written and each flag's default."""
+    """argparse for the scripts that take flags only, not config files (sample.py, evaluate.py, export.py, ...): a bad
+    flag ends in one line, as every error here does; --help shows the script's docstring as written and each flag's
+    default."""
 
     class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
+        def _get_help_string(self, action):  # a help that tells its default already is not given a second one
+            return action.help if "default" in (action.help or "") else super()._get_help_string(action)
 
     def __init__(self, doc, script):
         super().__init__(prog=script, description=doc, formatter_class=self.Formatter, allow_abbrev=False)

@@ -29,7 +29,6 @@ refused in one line that names what differs. The published SimpleStories models 
 tokenizer.json of their own; Tokenizer reads it, so `python sample.py --hf_dir=DIR` runs them.
 """
 
-import argparse
 import json
 import os
 import tempfile
@@ -37,7 +36,7 @@ from dataclasses import asdict
 
 import torch
 
-from configurator import atomic_write, boolean, die, folder_problem
+from configurator import Parser, atomic_write, boolean, die, folder_problem
 from model import GPT, GPTConfig
 from tokenizer import SP_SPACE, Tokenizer
 
@@ -303,7 +302,7 @@ def import_hf(hf_dir, out_dir):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__, "export.py")
     parser.add_argument("--out_dir", default="", help="the training run: ckpt.pt is read from it, or written by --from_hf")
     parser.add_argument("--hf_dir", default="", help="the Hugging Face folder to write")
     parser.add_argument("--from_hf", default="", help="a Hugging Face folder to import into --out_dir")

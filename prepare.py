@@ -33,7 +33,6 @@ stays flat whatever the corpus size. Everything is written under temporary names
 the end: an interrupted run leaves the previous output (or none), never bins that look complete.
 """
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -46,7 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from configurator import atomic_write, die
+from configurator import Parser, atomic_write, die
 from tokenizer import HUB, LABELS, VAL_SPLITS, Tokenizer, hub_splits, input_files, input_name, parse_hub, read_stories
 
 SPLITS = ("train", "val")
@@ -283,7 +282,7 @@ def story_ranges(data_dir, split="val", **labels):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__, "prepare.py")
     parser.add_argument("--input", default="data/sample/stories.jsonl",
                         help="stories: .jsonl, .parquet or .txt file, folder or glob, or hf:OWNER/NAME on the hub")
     parser.add_argument("--val_input", default="", help="stories that make val.bin whole (then --input makes train.bin)")

@@ -13,7 +13,6 @@ through torch.compile (CUDA graphs on a GPU): it pays for many prompts (--prompt
 stories; README's "Sampling fast" has the numbers.
 """
 
-import argparse
 import hashlib
 import json
 import math
@@ -24,7 +23,7 @@ from dataclasses import asdict
 
 import torch
 
-from configurator import boolean, die, pick_device
+from configurator import Parser, boolean, die, pick_device
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -98,18 +97,18 @@ def load_model(out_dir, device, hf_dir="", step=None):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__, "sample.py")
     parser.add_argument("--out_dir", default="out/quickstart", help="training run folder holding ckpt.pt")
     parser.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (ours exported, or published)")
     parser.add_argument("--step", type=int, default=None, help="the snapshot of this step (train.py --keep_checkpoints)")
     parser.add_argument("--num_samples", type=int, default=3, help="stories per prompt")
-    parser.add_argument("--max_new_tokens", type=int, default=400)
+    parser.add_argument("--max_new_tokens", type=int, default=400, help="tokens after the prompt, at most")
     parser.add_argument("--temperature", type=float, default=0.8, help="0 (or under 1e-5): greedy")
     parser.add_argument("--top_k", type=int, default=50, help="0: off")
     parser.add_argument("--top_p", type=float, default=1.0, help="1.0: off")
     parser.add_argument("--prompt", default="", help="start of every story")
     parser.add_argument("--prompt_file", default="", help="a file with one prompt per line (instead of --prompt)")
-    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--seed", type=int, default=1337, help="seeds the sampling")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument("--compile", type=boolean, nargs="?", const=True, default=False,
                         help="compile the decode step (once per batch size and 64 positions: 20-35 s on a CPU): for many prompts")

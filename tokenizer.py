@@ -13,7 +13,6 @@ text with stories separated by a line `<|endoftext|>` (the TinyStories text form
 hub's local cache, and its train split is read (`hf:OWNER/NAME:test` reads another split).
 """
 
-import argparse
 import glob
 import hashlib
 import io
@@ -23,7 +22,7 @@ import re
 
 import sentencepiece as spm
 
-from configurator import atomic_write, die, folder_problem
+from configurator import Parser, atomic_write, die, folder_problem
 
 PARAGRAPH_BREAK = "\n\n"
 TEXT_SEPARATOR = "<|endoftext|>"
@@ -352,7 +351,7 @@ def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(__doc__, "tokenizer.py")
     parser.add_argument("--input", default="data/sample/stories.jsonl",
                         help="stories: .jsonl, .parquet or .txt file, folder or glob, or hf:OWNER/NAME on the hub")
     parser.add_argument("--vocab_size", type=int, default=4096, help="number of pieces, special and byte pieces included")
