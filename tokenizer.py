@@ -149,26 +149,30 @@ def read_stories(spec, labels=False):
                     else:
                         yield sid, record["story"]
         elif path.endswith(".parquet"):
-            import pyarrow.parquet as pq  # only needed for the published parquet shards
+            import pyarrow as pa  # only needed for the published parquet shards
+            import pyarrow.parquet as pq
 
-            shard = pq.ParquetFile(path)
-            names = shard.schema_arrow.names
-            if "story" not in names:
-                raise ValueError(f"{path}: no column 'story' (columns: {', '.join(names)})")
-            columns = ["story"] + (["id"] if "id" in names else []) + ([k for k in LABELS if k in names] if labels else [])
-            row = 0
-            for batch in shard.iter_batches(columns=columns, batch_size=8192):
-                data = batch.to_pydict()
-                stories, ids = data["story"], data.get("id") or [None] * batch.num_rows
-                for j, (i, text) in enumerate(zip(ids, stories)):
-                    if text is None:
-                        continue
-                    sid = str(i or story_id(text))
-                    if labels:
-                        yield sid, text, story_labels({k: data[k][j] for k in LABELS if k in data}, f"{path} row {row + j}")
-                    else:
-                        yield sid, text
-                row += batch.num_rows
+            try:  # a file cut short or not parquet at all is found on opening it or on reading a row group
+                shard = pq.ParquetFile(path)
+                names = shard.schema_arrow.names
+                if "story" not in names:
+                    raise ValueError(f"{path}: no column 'story' (columns: {', '.join(names)})")
+                columns = ["story"] + (["id"] if "id" in names else []) + ([k for k in LABELS if k in names] if labels else [])
+                row = 0
+                for batch in shard.iter_batches(columns=columns, batch_size=8192):
+                    data = batch.to_pydict()
+                    stories, ids = data["story"], data.get("id") or [None] * batch.num_rows
+                    for j, (i, text) in enumerate(zip(ids, stories)):
+                        if text is None:
+                            continue
+                        sid = str(i or story_id(text))
+                        if labels:
+                            yield sid, text, story_labels({k: data[k][j] for k in LABELS if k in data}, f"{path} row {row + j}")
+                        else:
+                            yield sid, text
+                    row += batch.num_rows
+            except (pa.ArrowException, OSError) as e:
+                raise ValueError(f"{path}: not a readable parquet file ({e}); replace it with a whole copy") from None
         else:
             with open(path, "rb") as f:
                 lines = []

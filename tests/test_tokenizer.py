@@ -108,3 +108,25 @@ def test_empty_input_too_small_a_vocab_and_no_room_for_the_model(tmp_path):
     (tmp_path / "tokenizers").write_text("a file where the folder would go")
     line = one_error_line(run("tokenizer.py", f"--input={SAMPLE}", cwd=tmp_path))
     assert "cannot write tokenizers/sample.model" in line and "is a file, not a folder" in line
+
+
+def test_corrupt_parquet_is_one_line_naming_the_file(workdir, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    stories = [t for _, t in read_stories(SAMPLE)]
+    pq.write_table(pa.table({"story": stories}), tmp_path / "whole.parquet", compression="none", row_group_size=100)
+    data = (tmp_path / "whole.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[:len(data) // 2])  # no footer: found on opening it
+    footer = int.from_bytes(data[-8:-4], "little") + 8
+    middle = len(data) // 2  # the footer kept, a row group's page header overwritten: found on reading that row group
+    (tmp_path / "torn.parquet").write_bytes(data[:middle] + b"\xff" * 4096 + data[middle + 4096:])
+    assert middle + 4096 < len(data) - footer
+    for name in ("cut.parquet", "torn.parquet"):
+        with pytest.raises(ValueError, match=f"{name}: not a readable parquet file"):
+            list(read_stories(str(tmp_path / name)))
+    line = one_error_line(run("tokenizer.py", "--input=cut.parquet", cwd=tmp_path))
+    assert "cut.parquet: not a readable parquet file" in line
+    line = one_error_line(run("prepare.py", "--input=cut.parquet", f"--tokenizer={workdir / 'tokenizers' / 'sample.model'}",
+                              cwd=tmp_path))
+    assert "cut.parquet: not a readable parquet file" in line
