@@ -2,7 +2,7 @@
 
     python prepare.py --input=data/sample/stories.jsonl --tokenizer=tokenizers/sample.model
     python prepare.py --input=hf:SimpleStories/SimpleStories --tokenizer=tokenizers/simplestories.model
-    python prepare.py --input='data/simplestories/data/train-*.parquet' --val_input='data/simplestories/data/test-*.parquet' \
+    python prepare.py --input='data/simplestories/data/train-*.parquet' --val_input='data/simplestories/data/test-*.parquet' \\
         --tokenizer=tokenizers/simplestories.model --out_dir=data/simplestories
 
 Writes to --out_dir (default: the input's folder, or data/<name> for a hub dataset):

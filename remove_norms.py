@@ -20,8 +20,9 @@ position would not be a norm-free LlamaForCausalLM, so it is not done here).
 
 Writes --out/ckpt.pt (default: out_dir + "_normfree"), a train.py checkpoint of the model with norm='none':
 sample.py, evaluate.py and export.py take it, and train.py --init_from=resume trains it further (from step 0,
-with the settings of the run it came from, and with AdamW, whose state the fine-tuning leaves, even after Muon). Prints the val loss (train.py's: the mean over eval_seqs fixed
-windows of val.bin) before, right after each group's removal, and after its fine-tuning.
+with the settings of the run it came from, and with AdamW, whose state the fine-tuning leaves, even after Muon).
+Prints the val loss (train.py's: the mean over eval_seqs fixed windows of val.bin) before, right after each
+group's removal, and after its fine-tuning.
 """
 
 import json
