@@ -264,7 +264,9 @@ def parse_args(argv=None):
         die(f"--act_dir={args.act_dir} cannot be written: {problem}")
     names = os.listdir(args.act_dir) if os.path.isdir(args.act_dir) else []
     if names and not args.overwrite:
-        die(f"--act_dir={args.act_dir} is not empty; give --overwrite=True to replace it, or another --act_dir")
+        unfinished = MANIFEST not in names and all(written_by_us(n) for n in names)
+        die(f"--act_dir={args.act_dir} " + (f"holds a run that did not finish (no {MANIFEST})" if unfinished else "is not empty")
+            + "; give --overwrite=True to replace it, or another --act_dir")
     foreign = [n for n in names if not written_by_us(n)]
     if foreign:
         die(f"--act_dir={args.act_dir} holds {foreign[0]!r}, which activations.py did not write; give another --act_dir")
@@ -326,6 +328,8 @@ def main(argv=None):
         die(str(e))
     except OSError as e:
         die(f"{e}; check --act_dir")
+    except KeyboardInterrupt:  # the shards so far stay, without the manifest that would make them a finished run
+        die(f"interrupted: {args.act_dir} holds a run that did not finish; run again with --overwrite=True")
     print(f"wrote {n_tokens:,} rows ({n_stories:,} stories) of {', '.join(sites)} in {len(shards)} shards to "
           f"{args.act_dir} in {seconds:.1f} s ({n_tokens / seconds:,.0f} tokens/s)")
 

@@ -218,6 +218,15 @@ def test_bad_inputs_end_in_one_line(trained, tmp_workdir, monkeypatch):
     acts = read_all("out/tiny_act/activations/val", "mlp_out.1")[0]
     assert acts.dtype == torch.bfloat16 and acts.shape == (200, 64) and acts.abs().max() > 0
     assert sorted(os.listdir("out/tiny_act/activations/val")) == ["activations.json", "shard_00000.safetensors", "stories.parquet"]
+    # a run stopped by Ctrl-C leaves no manifest, and the next run names it as unfinished
+    record = activations.record
+    monkeypatch.setattr(activations, "record", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert "interrupted: out/tiny_act/activations/val holds a run that did not finish" in error_of(
+        [*base, "--sites=mlp_out.1", "--overwrite=True"])
+    monkeypatch.setattr(activations, "record", record)
+    assert "holds a run that did not finish (no activations.json); give --overwrite=True" in error_of(
+        [*base, "--sites=mlp_out.1"])
+    activations.main([*base, "--sites=mlp_out.1", "--n_tokens=200", "--overwrite=True"])
     open("out/tiny_act/activations/val/notes.txt", "w").close()
     assert "holds 'notes.txt', which activations.py did not write" in error_of(
         [*base, "--sites=mlp_out.1", "--overwrite=True"])
