@@ -385,3 +385,5 @@ if __name__ == "__main__":
         main()
     except ValueError as e:
         die(str(e))
+    except KeyboardInterrupt:  # each file is written whole and then renamed into place, or not at all
+        die("interrupted: run the same command again (the tokenizer file is written whole or not at all)")

@@ -3,11 +3,15 @@ labels, the split is stable, failures leave nothing."""
 
 import json
 import os
+import runpy
+import sys
 
 import numpy as np
 import pytest
+import sentencepiece
 
 import prepare
+import tokenizer
 from conftest import SAMPLE, one_error_line, run
 from tokenizer import LABELS, Tokenizer, read_stories
 
@@ -204,3 +208,20 @@ def test_not_a_tokenizer_and_an_out_dir_that_cannot_be_made(tmp_workdir):
     assert "notes.md is not a sentencepiece model" in one_error_line(result)
     result = run("prepare.py", "--tokenizer=tokenizers/sample.model", "--out_dir=notes.md/bins", cwd=tmp_workdir)
     assert "cannot write to --out_dir=notes.md/bins" in one_error_line(result)
+
+
+@pytest.mark.parametrize("script", ["prepare.py", "tokenizer.py"])
+def test_ctrl_c_ends_in_one_line(workdir, tmp_path, monkeypatch, script):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    # Ctrl-C while prepare.py tokenizes or tokenizer.py trains
+    monkeypatch.setattr(tokenizer, "Tokenizer", interrupted)
+    monkeypatch.setattr(sentencepiece.SentencePieceTrainer, "train", interrupted)
+    monkeypatch.setattr(sys, "argv", [script, f"--input={SAMPLE}", f"--tokenizer={workdir}/tokenizers/sample.model",
+                                      f"--out_dir={tmp_path}"] if script == "prepare.py" else
+                        [script, f"--input={SAMPLE}", "--name=t"])
+    monkeypatch.chdir(tmp_path)  # tokenizer.py writes tokenizers/t.model
+    with pytest.raises(SystemExit, match="^error: interrupted: run the same command again"):
+        runpy.run_path(os.path.join(os.path.dirname(prepare.__file__), script), run_name="__main__")
+    assert [f for _, _, files in os.walk(tmp_path) for f in files] == []  # no file, whole or half-written
