@@ -126,7 +126,7 @@ def load_run(args):
     import torch
 
     from configurator import pick_device
-    from prepare import read_index
+    from prepare import open_bins, read_index
     from sample import load_model
 
     device = pick_device(args.device)
@@ -141,19 +141,10 @@ def load_run(args):
         if not dataset:
             raise ValueError(f"{args.out_dir}/ckpt.pt does not name the dataset it was trained on; give --dataset")
     data_dir = os.path.join("data", dataset)
-    meta_path = os.path.join(data_dir, "meta.json")
-    try:
-        with open(meta_path) as f:
-            meta = json.load(f)
-        expected = 2 * meta[args.split]["tokens"]
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ValueError(f"{meta_path} is missing or not from prepare.py; run prepare.py for dataset {dataset!r}") from None
-    if meta.get("tokenizer_sha256") != tok.sha256():
-        raise ValueError(f"{data_dir} was tokenized with another tokenizer ({meta.get('tokenizer')}) than the model "
+    meta, _ = open_bins(data_dir, (args.split,))
+    if meta["tokenizer_sha256"] != tok.sha256():
+        raise ValueError(f"{data_dir} was tokenized with another tokenizer ({meta['tokenizer']}) than the model "
                          f"in {args.hf_dir or args.out_dir}; give --dataset bins made with the model's tokenizer")
-    path = os.path.join(data_dir, f"{args.split}.bin")
-    if not os.path.isfile(path) or os.path.getsize(path) != expected:
-        raise ValueError(f"{path} is missing or does not match {meta_path}; run prepare.py again")
     return model, tok, device, data_dir, meta, read_index(data_dir, args.split)
 
 

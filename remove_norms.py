@@ -25,7 +25,6 @@ Prints the val loss (train.py's: the mean over eval_seqs fixed windows of val.bi
 group's removal, and after its fine-tuning.
 """
 
-import json
 import os
 import time
 from contextlib import nullcontext
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 
 from configurator import Parser, atomic_write, boolean, die, folder_problem, pick_device
 from model import FixedNorm
+from prepare import SPLITS, open_bins
 
 GROUPS = ("mlp", "attention", "final")  # the order the norms go in, as in the paper (ln2, then ln1, then ln_f)
 
@@ -138,19 +138,15 @@ def main():
         die(f"{args.out_dir}/ckpt.pt does not say which data it trained on (an imported model); give --dataset")
     data_dir = os.path.join("data", dataset)
     try:
-        with open(os.path.join(data_dir, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError):
-        die(f"{data_dir}/meta.json is missing or unreadable; run prepare.py for dataset {dataset!r} first")
-    if meta.get("tokenizer_sha256") != tok.sha256():
+        meta, data = open_bins(data_dir)
+    except ValueError as e:
+        die(str(e))
+    if meta["tokenizer_sha256"] != tok.sha256():
         die(f"{data_dir} was prepared with another tokenizer than {args.out_dir}/ckpt.pt has; give the --dataset it trained on")
     n_ctx = model.config.n_ctx
-    data = {}
-    for split in ("train", "val"):
-        path = os.path.join(data_dir, f"{split}.bin")
-        if not os.path.isfile(path) or os.path.getsize(path) < 2 * (n_ctx + 2):
-            die(f"{path} is missing or holds fewer than n_ctx + 2 = {n_ctx + 2} tokens; run prepare.py again")
-        data[split] = np.memmap(path, dtype=np.uint16, mode="r")
+    for split in SPLITS:
+        if len(data[split]) < n_ctx + 2:
+            die(f"{data_dir}/{split}.bin holds {len(data[split])} tokens, fewer than n_ctx + 2 = {n_ctx + 2}; give more stories")
 
     bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()

@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import configurator
 from configurator import atomic_write, die
 from model import GPT, GPTConfig
-from prepare import read_offsets, story_windows, window_tokens
+from prepare import SPLITS, open_bins, read_offsets, story_windows, window_tokens
 from sample import snapshot_path, snapshot_steps
 from tokenizer import Tokenizer
 
@@ -210,29 +210,14 @@ if cuda_graphs and (grad_accum > 1 or ddp):
 # data
 data_dir = os.path.join("data", dataset)
 meta_path = os.path.join(data_dir, "meta.json")
-if not os.path.isfile(meta_path):
-    die(f"{meta_path} not found; run prepare.py for dataset {dataset!r} first")
 try:
-    meta = json.load(open(meta_path, encoding="utf-8"))
-except ValueError:  # not JSON, or not UTF-8
-    die(f"{meta_path} is not valid JSON; run prepare.py again")
-if not isinstance(meta, dict) or not {"vocab_size", "bos_id", "eos_id", "dtype", "tokenizer", "tokenizer_sha256", "train", "val",
-                                     "unigram_entropy"} <= set(meta) or not all(
-        isinstance(meta[split], dict) and isinstance(meta[split].get("tokens"), int) for split in ("train", "val")):
-    die(f"{meta_path} lacks keys that train.py needs; run prepare.py again")
-if meta["dtype"] != "uint16":
-    die(f"{meta_path} says the bins hold {meta['dtype']}, but train.py reads uint16 token ids; run prepare.py again")
-for split in ("train", "val"):
-    path = os.path.join(data_dir, f"{split}.bin")
-    size = os.path.getsize(path) if os.path.isfile(path) else -1
-    if size != 2 * meta[split]["tokens"]:
-        die(f"{path} is missing or does not match {meta_path} ({size} bytes, expected {2 * meta[split]['tokens']}); run prepare.py again")
+    meta, _ = open_bins(data_dir)
+except ValueError as e:
+    die(str(e))
+for split in SPLITS:
     if meta[split]["tokens"] < n_ctx + 2:
-        die(f"{path} has {meta[split]['tokens']} tokens, too few for a window of n_ctx + 1 = {n_ctx + 1}; give more stories or a smaller n_ctx")
-    largest = int(np.memmap(path, dtype=np.uint16, mode="r").max())  # 0.06 s for 500M tokens in the page cache
-    if largest >= meta["vocab_size"]:
-        die(f"{path} holds token id {largest}, not below vocab_size {meta['vocab_size']}: it is damaged; run prepare.py again")
-
+        die(f"{data_dir}/{split}.bin has {meta[split]['tokens']} tokens, too few for a window of n_ctx + 1 = {n_ctx + 1}; "
+            "give more stories or a smaller n_ctx")
 
 if windows == "story":
     try:

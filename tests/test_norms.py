@@ -2,6 +2,7 @@
 
 import copy
 import os
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -173,6 +174,11 @@ def test_remove_norms_end_to_end(workdir):
                                                       "--out=out/x", cwd=workdir))
     assert "does not exist" in one_error_line(run("remove_norms.py", "--out_dir=out/missing", cwd=workdir))
     assert "exists" in one_error_line(run("remove_norms.py", "--out_dir=out/withnorm", cwd=workdir))
+    shutil.copytree(workdir / "data" / "sample", workdir / "data" / "cut_short")
+    with open(workdir / "data" / "cut_short" / "train.bin", "r+b") as f:
+        f.truncate(1000)  # bins cut short: refused, not fine-tuned on
+    line = one_error_line(run("remove_norms.py", "--out_dir=out/withnorm", "--dataset=cut_short", "--out=out/cut", cwd=workdir))
+    assert "train.bin is missing or does not match" in line and not (workdir / "out" / "cut").exists()
 
 
 def test_model_trained_with_muon_resumes_after_remove_norms(workdir):

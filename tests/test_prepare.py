@@ -3,7 +3,9 @@ labels, the split is stable, failures leave nothing."""
 
 import json
 import os
+import re
 import runpy
+import shutil
 import sys
 
 import numpy as np
@@ -225,3 +227,23 @@ def test_ctrl_c_ends_in_one_line(workdir, tmp_path, monkeypatch, script):
     with pytest.raises(SystemExit, match="^error: interrupted: run the same command again"):
         runpy.run_path(os.path.join(os.path.dirname(prepare.__file__), script), run_name="__main__")
     assert [f for _, _, files in os.walk(tmp_path) for f in files] == []  # no file, whole or half-written
+
+
+def test_open_bins_refuses_bins_that_do_not_match_their_meta(workdir, tmp_path):
+    data = tmp_path / "d"
+    shutil.copytree(workdir / "data" / "sample", data)
+    meta, bins = prepare.open_bins(str(data))
+    assert [len(bins[s]) for s in prepare.SPLITS] == [meta[s]["tokens"] for s in prepare.SPLITS]
+    val = (data / "val.bin").read_bytes()
+    for broken, message in [
+        (lambda: (data / "val.bin").write_bytes(val[:-2]), f"val.bin is missing or does not match {data}/meta.json ("),
+        (lambda: (data / "val.bin").write_bytes(val[:-2] + b"\xff\xff"), "val.bin holds token id 65535, not below vocab_size"),
+        (lambda: (data / "meta.json").write_bytes(b"\xff{"), "meta.json is not valid JSON"),
+        (lambda: (data / "meta.json").write_text(json.dumps({**meta, "val": {"tokens": "7"}})), "lacks keys that prepare.py writes"),
+        (lambda: (data / "meta.json").unlink(), "meta.json is missing; run prepare.py"),
+    ]:
+        broken()
+        with pytest.raises(ValueError, match=re.escape(message)):
+            prepare.open_bins(str(data))
+        (data / "val.bin").write_bytes(val)
+        (data / "meta.json").write_text(json.dumps(meta))
