@@ -1,5 +1,6 @@
 """train.py and sample.py end to end on CPU: learning, exact resume, DDP, compile, and bad input."""
 
+import io
 import json
 import math
 import os
@@ -273,6 +274,13 @@ def test_corrupt_checkpoint(workdir, tmp_path):
     assert "corrupt" in line and "init_from=scratch" in line
     assert "corrupt" in one_error_line(run("sample.py", f"--out_dir={out}", cwd=workdir))
     assert (out / "ckpt.pt").read_bytes() == data[: len(data) // 2]  # left as it was
+    # weights that are not numbers (a damaged file, or a run that diverged before train.py stopped them)
+    checkpoint = torch.load(io.BytesIO(data), weights_only=True)
+    checkpoint["model"]["blocks.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    torch.save(checkpoint, out / "ckpt.pt")
+    for script in ("sample.py", "evaluate.py"):
+        line = one_error_line(run(script, f"--out_dir={out}", cwd=workdir))
+        assert "holds weights that are not finite numbers (blocks.1.mlp.up_proj.weight)" in line
 
 
 @pytest.mark.parametrize("args, message", [
