@@ -182,17 +182,17 @@ def test_remove_norms_end_to_end(workdir):
 
 
 def test_model_trained_with_muon_resumes_after_remove_norms(workdir):
-    result = run("train.py", *TINY, "--optimizer=muon", "--max_iters=2", "--eval_interval=2", "--out_dir=out/muon", cwd=workdir)
+    result = run("train.py", *TINY, "--optimizer=muon", "--max_iters=2", "--eval_interval=2", "--out_dir=out/normfree_muon", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    result = run("remove_norms.py", "--out_dir=out/muon", "--steps_per_group=1", "--final_steps=1", "--batch_size=4",
+    result = run("remove_norms.py", "--out_dir=out/normfree_muon", "--steps_per_group=1", "--final_steps=1", "--batch_size=4",
                  "--measure_batches=1", "--eval_seqs=4", "--overwrite", cwd=workdir)
     assert result.returncode == 0, result.stderr
     # the fine-tuning's optimizer state is AdamW's, and the checkpoint says so: a resume goes on with AdamW
-    checkpoint = torch.load(workdir / "out" / "muon_normfree" / "ckpt.pt", weights_only=True)
+    checkpoint = torch.load(workdir / "out" / "normfree_muon_normfree" / "ckpt.pt", weights_only=True)
     assert checkpoint["train_config"]["optimizer"] == "adamw" and "muon" not in checkpoint["optimizer"]
-    result = run("train.py", "--init_from=resume", "--out_dir=out/muon_normfree", "--max_iters=2", "--eval_interval=2",
+    result = run("train.py", "--init_from=resume", "--out_dir=out/normfree_muon_normfree", "--max_iters=2", "--eval_interval=2",
                  "--learning_rate=3e-4", "--device=cpu", cwd=workdir)
     assert result.returncode == 0, result.stderr
-    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/muon_normfree", "--max_iters=3",
+    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/normfree_muon_normfree", "--max_iters=3",
                               "--optimizer=muon", "--device=cpu", cwd=workdir))
     assert "optimizer=adamw" in line
