@@ -220,12 +220,14 @@ PEAK_FLOPS = [
 ]
 
 
-def gpu_peak_flops(device):
-    """The dense bf16 FLOP/s of the GPU device (for MFU), looked up by its name in PEAK_FLOPS; 0.0 if it is not there."""
+def gpu_peak_flops(device, dtype="bfloat16"):
+    """The dense FLOP/s of the GPU device (for MFU), looked up by its name in PEAK_FLOPS (bf16); 0.0 if it is not there.
+    dtype float32 runs its matmuls in TF32, at half the bf16 rate on every GPU of the table."""
     import torch
 
     name = torch.cuda.get_device_name(device)
-    return next((flops for key, flops in PEAK_FLOPS if key in name), 0.0)
+    flops = next((flops for key, flops in PEAK_FLOPS if key in name), 0.0)
+    return flops / 2 if dtype == "float32" else flops
 
 
 def folder_problem(path):

@@ -454,7 +454,7 @@ def device_peak_flops():
         return peak_flops
     if device_type != "cuda":
         return 0.0
-    return configurator.gpu_peak_flops(device)
+    return configurator.gpu_peak_flops(device, dtype)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -296,6 +296,14 @@ def test_sample_bad_arguments(workdir, args, message):
     assert message in one_error_line(run("sample.py", f"--out_dir={out}", *args, cwd=workdir))
 
 
+@pytest.mark.parametrize("name, bf16", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 3090", 0.0)])
+def test_mfu_peak_is_the_gpus_bf16_entry_and_half_of_it_in_tf32(monkeypatch, name, bf16):
+    # the more specific names come first in the table: an H100 PCIe is not taken for an H100 SXM
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert configurator.gpu_peak_flops(0) == bf16 and configurator.gpu_peak_flops(0, "float32") == bf16 / 2
+
+
 def fake_gpu(cwd, script, *args, env=None):
     """Run a script as on a machine with one CUDA GPU (tests/fake_cuda.py: a CPU posing as an H100)."""
     return subprocess.run([sys.executable, os.path.join(REPO, "tests", "fake_cuda.py"), os.path.join(REPO, script), *args],
