@@ -353,7 +353,6 @@ token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=
 def save_checkpoint():
     """Write ckpt.pt atomically (a temporary file, fsynced, renamed over the old one). It keeps the tokenizer's
     bytes, so sample.py needs nothing else, and the meta.json of the bins, so a resume can check them."""
-    global saved_step
     state = {
         "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "model_config": asdict(model_config),
         "train_config": config, "iter_num": iter_num, "best_val_loss": best_val_loss,
@@ -363,7 +362,6 @@ def save_checkpoint():
     }
     with atomic_write(ckpt_path) as f:
         torch.save(state, f)
-    saved_step = iter_num
 
 
 def stop_if_diverged(name, value):
@@ -539,6 +537,7 @@ while True:
                 save_checkpoint()
                 if sample_tokens:
                     print(f"sample: {sample_story()!r}", flush=True)
+            saved_step = iter_num  # on every rank: each names it if the run stops
             t_last, timed_steps, data_wait = time.time(), 0, 0.0  # evaluation time is not training time
     if master and iter_num in keep and (iter_num > start_iter or not os.path.exists(snapshot_path(out_dir, iter_num))):
         t0 = time.time()

@@ -125,6 +125,13 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(workdir):
     assert ckpt["iter_num"] == 0 and all(torch.isfinite(w).all() for w in ckpt["model"].values())
     result = run("sample.py", "--out_dir=out/diverged", "--max_new_tokens=8", "--num_samples=1", cwd=workdir)
     assert result.returncode == 0, result.stderr
+    # with torchrun every rank stops, and each names the checkpoint rank 0 wrote
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(REPO, "train.py"), *TINY, "--out_dir=out/diverged_ddp", "--max_iters=30",
+                             "--eval_interval=10", "--learning_rate=1e6", "--warmup_iters=0", "--grad_clip=0", "--batch_size=4"],
+                            cwd=workdir, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "training diverged (out/diverged_ddp/ckpt.pt keeps step 0)" in result.stderr
+    assert "no checkpoint was written" not in result.stderr  # torchrun may stop one rank before it prints
 
 
 def test_an_overwrite_replaces_the_old_run_as_a_whole(workdir, tmp_path):
