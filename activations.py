@@ -275,6 +275,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    touched = False  # whether act_dir has changed: what Ctrl-C leaves there
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -296,6 +297,7 @@ def main(argv=None):
         n_tokens = min(args.n_tokens or len(tokens), len(tokens))
         n_stories = int(np.searchsorted(offsets, n_tokens - 1, "right"))
 
+        touched = True
         for name in os.listdir(args.act_dir) if os.path.isdir(args.act_dir) else []:
             os.remove(os.path.join(args.act_dir, name))  # --overwrite: only this script's files (parse_args checked)
         os.makedirs(args.act_dir, exist_ok=True)
@@ -329,7 +331,8 @@ def main(argv=None):
     except OSError as e:
         die(f"{e}; check --act_dir")
     except KeyboardInterrupt:  # the shards so far stay, without the manifest that would make them a finished run
-        die(f"interrupted: {args.act_dir} holds a run that did not finish; run again with --overwrite=True")
+        die(f"interrupted: {args.act_dir} holds a run that did not finish; run again with --overwrite=True" if touched
+            else f"interrupted before anything was written to {args.act_dir}")
     print(f"wrote {n_tokens:,} rows ({n_stories:,} stories) of {', '.join(sites)} in {len(shards)} shards to "
           f"{args.act_dir} in {seconds:.1f} s ({n_tokens / seconds:,.0f} tokens/s)")
 

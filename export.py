@@ -159,9 +159,12 @@ def export(out_dir, hf_dir, push_to_hub="", step=None):
         tokenizer_object=fast_tokenizer(tok), bos_token=tok.sp.id_to_piece(tok.bos_id),
         eos_token=tok.sp.id_to_piece(tok.eos_id), unk_token=tok.sp.id_to_piece(0), split_special_tokens=True,
         clean_up_tokenization_spaces=False, model_max_length=c.n_ctx)
-    # written into a folder beside hf_dir and moved in when whole: a failed export leaves hf_dir as it was
+    # written into a folder beside hf_dir (or in it, where its parent is not writable) and moved in when whole: a
+    # failed export leaves hf_dir as it was
     parent = os.path.dirname(os.path.abspath(hf_dir))
     os.makedirs(parent, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        parent = hf_dir
     with tempfile.TemporaryDirectory(dir=parent, prefix=".export-") as tmp:
         llama.save_pretrained(tmp)
         hf_tokenizer.save_pretrained(tmp)
@@ -322,6 +325,13 @@ def main():
             die(f"--out_dir={args.out_dir} cannot be written: {problem}; choose another --out_dir")
         try:
             import_hf(args.from_hf, args.out_dir)
+            from sample import snapshot_path, snapshot_steps
+
+            # --overwrite over a training run: its log and snapshots go with its checkpoint, or sample.py --step
+            # would serve that run's weights as the import's
+            for old in [os.path.join(args.out_dir, "log.jsonl")] + [snapshot_path(args.out_dir, s) for s in snapshot_steps(args.out_dir)]:
+                if os.path.exists(old):
+                    os.remove(old)
         except OSError as e:
             die(f"cannot write {ckpt_path}: {e.strerror or e}; choose another --out_dir")
         print(f"wrote {ckpt_path} from {args.from_hf}")

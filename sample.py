@@ -93,11 +93,11 @@ def load_model(out_dir, device, hf_dir="", step=None):
                          f"the checkpoint is corrupt")
     if step is not None:
         load_snapshot(model, out_dir, step, sha256)
-    broken = [name for name, w in model.state_dict().items() if not torch.isfinite(w).all()]
-    if broken:  # a snapshot of a run that diverged, or a damaged file: sampling and losses would be NaN
+    broken = [name for name, w in model.named_parameters() if not torch.isfinite(w).all()]  # the tied matrix once
+    if broken:  # a damaged file, or a snapshot of a run that diverged: sampling and losses would be NaN
         raise ValueError(f"{path if step is None else snapshot_path(out_dir, step)} holds weights that are not finite "
-                         f"numbers ({broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}): the run "
-                         f"diverged before it; use the model of an earlier --step")
+                         f"numbers ({broken[0]}{f' and {len(broken) - 1} more' if len(broken) > 1 else ''}): it is "
+                         f"damaged or its run diverged; use another checkpoint or --step")
     return model.to(device).eval(), tokenizer
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import activations
+import evaluate
 import prepare
 from conftest import TINY, one_error_line, run
 
@@ -219,6 +220,11 @@ def test_bad_inputs_end_in_one_line(trained, tmp_workdir, monkeypatch):
     assert acts.dtype == torch.bfloat16 and acts.shape == (200, 64) and acts.abs().max() > 0
     assert sorted(os.listdir("out/tiny_act/activations/val")) == ["activations.json", "shard_00000.safetensors", "stories.parquet"]
     # a run stopped by Ctrl-C leaves no manifest, and the next run names it as unfinished
+    load_run = evaluate.load_run
+    monkeypatch.setattr(evaluate, "load_run", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))  # while loading
+    assert "interrupted before anything was written to out/tiny_act/activations/val" in error_of(
+        [*base, "--sites=mlp_out.1", "--overwrite=True"])
+    monkeypatch.setattr(evaluate, "load_run", load_run)
     record = activations.record
     monkeypatch.setattr(activations, "record", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     assert "interrupted: out/tiny_act/activations/val holds a run that did not finish" in error_of(

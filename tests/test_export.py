@@ -252,8 +252,13 @@ def test_export_and_import_refuse_to_overwrite_unless_told(exported, tmp_path):
     shutil.copytree(exported / "back", tmp_path / "back")
     line = one_error_line(run("export.py", f"--from_hf={exported / 'hf'}", f"--out_dir={tmp_path / 'back'}", cwd=tmp_path))
     assert "ckpt.pt exists" in line and "--overwrite=True" in line
+    # the run it replaces goes as a whole: its log and snapshots are not the import's
+    (tmp_path / "back" / "log.jsonl").write_text('{"step": 0, "val_loss": 8.3}\n')
+    (tmp_path / "back" / "checkpoints").mkdir(exist_ok=True)
+    (tmp_path / "back" / "checkpoints" / "step_0000004.safetensors").write_bytes(b"an older run's")
     result = run("export.py", f"--from_hf={exported / 'hf'}", f"--out_dir={tmp_path / 'back'}", "--overwrite", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "back" / "log.jsonl").exists() and os.listdir(tmp_path / "back" / "checkpoints") == []
 
 
 def test_unwritable_output_is_one_line_and_a_failed_export_writes_nothing(exported, tmp_path, monkeypatch):
