@@ -23,13 +23,17 @@ the input one and stored once; metadata: step, model_config, tokenizer_sha256, a
 checkpoint (a killed run's), and a scratch run drops those of the run it replaces.
 """
 
+import signal
+import sys
+
+# Ctrl-C while torch loads or the run is set up: nothing is written before the training loop, whose handler replaces this one
+signal.signal(signal.SIGINT, lambda signum, frame: sys.exit("error: interrupted before training started; nothing was written"))
+
 import inspect
 import json
 import math
 import os
 import re
-import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
