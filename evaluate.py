@@ -508,6 +508,8 @@ def main(argv=None):
         die(str(e))
     except OSError as e:  # a report that cannot be written
         die(f"{e}; check --eval_dir")
+    except KeyboardInterrupt:  # each report is written whole, then renamed into place
+        die("interrupted; no report was left half-written")
 
 
 if __name__ == "__main__":

@@ -243,4 +243,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the checkpoint is written at the end, whole or not at all
+        die("interrupted; nothing was written")

@@ -164,3 +164,5 @@ if __name__ == "__main__":
         main()
     except ValueError as e:
         die(str(e))
+    except KeyboardInterrupt:
+        die("interrupted")

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -26,6 +27,21 @@ def run(script, *args, cwd, env=None):
     """Run one of the repo's scripts as a user would; returns the CompletedProcess."""
     return subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, capture_output=True, text=True,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout=600)
+
+
+def interrupt(script, *args, cwd, when):
+    """Start one of the repo's scripts, press Ctrl-C (SIGINT) once a line of its output makes when(line) true, and
+    return the CompletedProcess; a script that ends before that line is returned as it ended."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if when(line):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + stdout, stderr)
 
 
 def one_error_line(result):

@@ -170,6 +170,12 @@ def test_loss_mode_refuses_bad_inputs_in_one_line(tiny, tmp_path, monkeypatch):
                                                f"--eval_dir={tmp_path / 'eval'}"])
     for name in ("other", "old", "text"):
         os.remove(f"data/{name}")  # the session's workdir, as it was
+    # Ctrl-C while the stories are scored: one line, and no report
+    def pressed_ctrl_c(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(evaluate, "story_losses", pressed_ctrl_c)
+    assert error_of(["--out_dir=out/tiny", f"--eval_dir={tmp_path / 'stopped'}"]) == "error: interrupted; no report was left half-written"
+    assert not (tmp_path / "stopped").exists() or not os.listdir(tmp_path / "stopped")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import export
-from conftest import TINY, one_error_line, run
+from conftest import TINY, interrupt, one_error_line, run
 from model import GPT, FixedNorm, GPTConfig, RMSNorm
 from remove_norms import GROUPS, freeze, group_norms, measure_scales
 from tokenizer import Tokenizer
@@ -169,6 +169,10 @@ def test_remove_norms_end_to_end(workdir):
     result = run("train.py", "--init_from=resume", "--out_dir=out/withnorm_normfree", "--max_iters=2", "--eval_interval=2",
                  "--device=cpu", cwd=workdir)
     assert result.returncode == 0, result.stderr
+    # Ctrl-C once it has begun: one line, and nothing written
+    result = interrupt("remove_norms.py", *args, "--steps_per_group=100000", "--out=out/interrupted", cwd=workdir,
+                       when=lambda line: "with RMSNorm" in line)
+    assert one_error_line(result) == "error: interrupted; nothing was written" and not (workdir / "out" / "interrupted").exists()
     # bounded errors
     assert "no norms to remove" in one_error_line(run("remove_norms.py", "--out_dir=out/withnorm_normfree",
                                                       "--out=out/x", cwd=workdir))

@@ -16,7 +16,7 @@ import torch
 
 import configurator
 
-from conftest import REPO, SAMPLE, TINY, one_error_line, run
+from conftest import REPO, SAMPLE, TINY, interrupt, one_error_line, run
 
 
 def train(cwd, *args):
@@ -168,14 +168,8 @@ def test_ctrl_c_ends_in_one_line_and_the_run_resumes(workdir):
     assert line.startswith("error: interrupted ")
     if "before training started" in line:
         assert not (workdir / "out" / "ctrl_c_early").exists()
-    stopped = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, *args, "--out_dir=out/ctrl_c"], cwd=workdir,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in stopped.stdout:
-        if line.startswith("step 3: loss"):
-            stopped.send_signal(signal.SIGINT)
-            break
-    result = subprocess.CompletedProcess(stopped.args, stopped.wait(), stopped.stdout.read(), stopped.stderr.read())
-    line = one_error_line(result)
+    line = one_error_line(interrupt("train.py", *TINY, *args, "--out_dir=out/ctrl_c", cwd=workdir,
+                                    when=lambda line: line.startswith("step 3: loss")))
     assert line.startswith("error: interrupted at step ") and "ckpt.pt keeps step 0: go on with --init_from=resume" in line
     train(workdir, "--init_from=resume", "--out_dir=out/ctrl_c", "--max_iters=5", "--eval_interval=5")
     assert [r["step"] for r in log(workdir, "out/ctrl_c")][-1] == 5
@@ -201,6 +195,10 @@ def test_sample_prints_stories(workdir):
     prompts.write_text("The dog\nA girl\n")
     result = run("sample.py", "--out_dir=out/sampled", "--num_samples=1", "--max_new_tokens=10", f"--prompt_file={prompts}", cwd=workdir)
     assert result.returncode == 0 and result.stdout.count("-" * 40) == 2
+    prompts.write_text("Once\n" * 500)
+    result = interrupt("sample.py", "--out_dir=out/sampled", "--num_samples=1", "--max_new_tokens=40", f"--prompt_file={prompts}",
+                       cwd=workdir, when=lambda line: line.startswith("-" * 40))
+    assert one_error_line(result) == "error: interrupted" and result.stdout.count("-" * 40) < 500
 
 
 @pytest.mark.parametrize("args, message", [
