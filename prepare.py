@@ -22,7 +22,7 @@ read_offsets, story_windows and window_tokens make the training windows that sta
 
     from prepare import story_ranges
     tokens = np.memmap("data/sample/val.bin", dtype=np.uint16, mode="r")
-    for start, end in story_ranges("data/sample", "val", theme="Friendship", num_paragraphs=[2, 3]):
+    for start, end in story_ranges("data/sample", "val", theme="Celebration", num_paragraphs=[2, 3]):
         story = tokens[start:end]    # BOS story EOS
 
 A story goes to val when the hash of its id falls under --val_fraction, so adding stories never
@@ -292,7 +292,7 @@ def story_ranges(data_dir, split="val", **labels):
     array; tokens[start:end] is BOS story EOS. Each keyword is a label and its value one value or a list of
     values (any of them); several keywords must all match; none: every story.
 
-        story_ranges("data/sample", "val", theme="Friendship")
+        story_ranges("data/sample", "val", theme="Celebration")
         story_ranges("data/sample", "train", theme=["Friendship", "Courage"], num_paragraphs=3)
 
     read_index(data_dir, split)[label].unique() lists a label's values."""
