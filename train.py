@@ -337,7 +337,9 @@ if checkpoint is not None:
     if device_type == "cuda" and len(checkpoint["rng"]["cuda"]):
         torch.cuda.set_rng_state(checkpoint["rng"]["cuda"])
 checkpoint = None  # free the memory
-model = torch.compile(raw_model, mode=compile_mode) if compile else raw_model
+# dynamic=False: a graph for each batch shape, never one over symbolic sizes. A val batch of another size (the last one, or
+# fewer val windows than batch_size) would otherwise make torch.compile recompile the training step with a dynamic batch
+model = torch.compile(raw_model, mode=compile_mode, dynamic=False) if compile else raw_model
 eval_model = model
 if ddp:
     # the only buffers are the RoPE tables and FixedNorm scales, the same on every rank: no need to sync them before each forward
