@@ -383,8 +383,9 @@ def sampling(n_tokens=400, batch_sizes=(1, 32), rounds=3, device="cpu"):
 def profile(config="5m", batch_size=8, device="cpu", steps=3, rows=20):
     """Where a training step's time goes: a step of a suite config as train.py takes it (compiled, bf16 autocast
     where dtype='auto' picks it, gradient clipping, AdamW, fused on a GPU), batch_size x 512 random tokens, under
-    torch.profiler for `steps` steps after two warm-up steps (the first compiles). Prints the time of a step,
-    its MFU on a GPU of configurator.PEAK_FLOPS, and the `rows` ops that take the most device time, their own time only."""
+    torch.profiler for `steps` steps after two warm-up steps (the first compiles). Prints the time of a step (of
+    `steps` steps timed before the profiler, which slows them), its MFU on a GPU of configurator.PEAK_FLOPS, and the
+    `rows` ops that take the most device time, their own time only."""
     from contextlib import nullcontext
 
     import torch
@@ -403,26 +404,26 @@ def profile(config="5m", batch_size=8, device="cpu", steps=3, rows=20):
     bf16 = bf16_is_fast(device.split(":")[0])
     x, y = (torch.randint(0, model.config.d_vocab, (batch_size, model.config.n_ctx), device=device) for _ in range(2))
 
-    def step():
-        with torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext():
-            loss = compiled(x, y)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    def run_steps(n):
+        """Seconds a step over n steps, waiting for the device once at the end (as train.py's steps run)."""
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if bf16 else nullcontext():
+                loss = compiled(x, y)[1]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if on_gpu:
             torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / n
 
-    t0 = time.perf_counter()
-    step()
-    print(f"profile {config} {device}: first step (compiling) {time.perf_counter() - t0:.1f} s", flush=True)
-    step()
+    print(f"profile {config} {device}: first step (compiling) {run_steps(1):.1f} s", flush=True)
+    run_steps(1)
+    seconds = run_steps(steps)  # timed outside the profiler, whose tracing slows the steps
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
     with profiler(activities=activities) as prof:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        seconds = (time.perf_counter() - t0) / steps
+        run_steps(steps)
     tokens = batch_size * model.config.n_ctx
     head = f"profile {config} {device}, {'bf16' if bf16 else 'float32'}, batch {batch_size} x {model.config.n_ctx}:"
     line = f"{head} {seconds * 1000:.1f} ms a step, {tokens / seconds:,.0f} tokens/s"
@@ -454,7 +455,8 @@ PYTHON = [sys.executable]  # how gpu() starts a script (the tests start it on a 
 
 
 def gpu_command(name, config, batch_size, flags, out_dir, max_iters):
-    """train.py on the sample bins; the val batches as large as the training ones (another shape would recompile)."""
+    """train.py on the sample bins, evaluating at step 0 and at the end (eval_seqs = batch_size: the sample's val.bin
+    holds fewer windows, so one smaller val batch)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
     return [*(torchrun if "torchrun" in name else PYTHON), os.path.join(REPO, "train.py"), os.path.join(REPO, "configs", f"{config}.py"),
             "--dataset=sample", f"--out_dir={out_dir}", f"--max_iters={max_iters}", f"--batch_size={batch_size}",
@@ -462,28 +464,43 @@ def gpu_command(name, config, batch_size, flags, out_dir, max_iters):
             "--sample_tokens=0", *flags]
 
 
-def run_timed(command, timeout):
-    """Runs command; returns (return code, seconds to its first 'step N: loss' line or None, stderr's last line)."""
-    t0, first = time.time(), None
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
-        timer = threading.Timer(timeout, p.kill)
-        timer.start()
-        errors = []
-        reader = threading.Thread(target=lambda: errors.extend(p.stderr), daemon=True)
-        reader.start()
+def run_timed(command, timeout, env=None):
+    """Runs command for at most timeout seconds; returns (return code, seconds to its first 'step N: loss' line or None,
+    the line that says why it failed: 'timed out', its 'error: ...' line, its last exception line or its last line)."""
+    t0, first, errors = time.time(), [], []
+    p = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+    def read_stdout():
         for line in p.stdout:
-            if first is None and ": loss " in line:
-                first = time.time() - t0
-        p.wait()
-        timer.cancel()
+            if not first and ": loss " in line:
+                first.append(time.time() - t0)
+    # both pipes in threads: a torchrun worker (a session of its own) may keep them open after torchrun has gone
+    readers = [threading.Thread(target=read_stdout, daemon=True), threading.Thread(target=lambda: errors.extend(p.stderr), daemon=True)]
+    for reader in readers:
+        reader.start()
+    try:
+        p.wait(timeout)
+        why = None
+    except subprocess.TimeoutExpired:
+        why = f"timed out after {timeout} s"
+        p.terminate()  # torchrun passes SIGTERM on to its workers; SIGKILL would leave them running
+        try:
+            p.wait(15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    for reader in readers:
         reader.join(5)
-    tail = next((e.strip() for e in reversed(errors) if e.strip()), "")
-    return p.returncode, first, tail
+    lines = [e.strip() for e in errors if e.strip()]
+    why = why or next((e for e in reversed(lines) if e.startswith("error:")), None) or \
+        next((e for e in reversed(lines) if "Error" in e.split(":")[0]), None) or (lines[-1] if lines else "")
+    return p.returncode, first[0] if first else None, why
 
 
 def gpu(runs="", max_iters=40, timeout=240, with_sampling=True):
     """The GPU table: the runs of GPU_RUNS (all, or those named in runs, comma-separated) as train.py on the sample
-    bins for max_iters steps each, one at a time, each from a cold start (it compiles: ~25-50 s on an H200 machine).
+    bins for max_iters steps each, one at a time in the order given, each from a cold start (an inductor and Triton
+    cache of its own: it compiles, ~25-50 s on an H200 machine) and killed after timeout seconds.
     Per run: the median over the log lines after the first (which holds compilation) of tokens/s, MFU and the share of
     the step spent waiting for data, the peak memory, the seconds to the first log line (start-up, compilation and 10
     steps), and the last training loss (the sample bins are small: it shows the run learns, not how well). Then
@@ -493,21 +510,24 @@ def gpu(runs="", max_iters=40, timeout=240, with_sampling=True):
     import numpy as np
     import torch
 
-    chosen = [r for r in GPU_RUNS if not runs or r[0] in runs.split(",")]
-    unknown = set(runs.split(",")) - {r[0] for r in GPU_RUNS} if runs else set()
+    by_name = {r[0]: r for r in GPU_RUNS}
+    unknown = set(runs.split(",")) - set(by_name) if runs else set()
     if unknown:
-        sys.exit(f"gpu: no run named {', '.join(sorted(unknown))}; the runs are {', '.join(r[0] for r in GPU_RUNS)}")
+        sys.exit(f"gpu: no run named {', '.join(sorted(unknown))}; the runs are {', '.join(by_name)}")
+    chosen = [by_name[name] for name in runs.split(",")] if runs else GPU_RUNS
     print(f"gpu: {torch.cuda.get_device_name()}, torch {torch.__version__}, CUDA {torch.version.cuda}", flush=True)
     print("| run | ms/step | tokens/s | MFU | data wait | peak memory | first log line | last loss |")
     print("|---|---|---|---|---|---|---|---|", flush=True)
     with tempfile.TemporaryDirectory() as root:
         for run in chosen:
             name, out_dir = run[0], os.path.join(root, run[0])
-            code, first, tail = run_timed(gpu_command(*run, out_dir, max_iters), timeout)
-            if code:
-                print(f"| {name} | failed: {tail} | | | | | | |", flush=True)
+            caches = {"TORCHINDUCTOR_CACHE_DIR": os.path.join(out_dir, "inductor"), "TRITON_CACHE_DIR": os.path.join(out_dir, "triton")}
+            code, first, why = run_timed(gpu_command(*run, out_dir, max_iters), timeout, env={**os.environ, **caches})
+            log_path = os.path.join(out_dir, "log.jsonl")
+            steps = [r for r in map(json.loads, open(log_path)) if "tokens_per_s" in r][1:] if os.path.exists(log_path) else []
+            if code or not steps or first is None:
+                print(f"| {name} | failed: {why or 'fewer than two log lines: give more max_iters'} | | | | | | |", flush=True)
                 continue
-            steps = [r for r in map(json.loads, open(os.path.join(out_dir, "log.jsonl"))) if "tokens_per_s" in r][1:]
             ms, rate, mfu, wait = (np.median([r[k] or 0 for r in steps]) for k in ("ms_per_step", "tokens_per_s", "mfu", "data_wait"))
             print(f"| {name} | {ms:.1f} | {rate:,.0f} | {100 * mfu:.1f}% | {100 * wait:.2f}% | {steps[-1]['peak_memory_gb']:.2f} GB "
                   f"| {first:.1f} s | {steps[-1]['loss']:.3f} |", flush=True)
@@ -530,6 +550,7 @@ if __name__ == "__main__":
             return ast.literal_eval(text)
         except (ValueError, SyntaxError):
             return text  # a word: a string
+    sys.stdout.reconfigure(line_buffering=True)  # each line out as it is printed, also into a pipe (| tee) cut off by a time limit
     fn, kwargs = benchmarks[sys.argv[1]], {k: value(v) for k, v in (a.split("=", 1) for a in sys.argv[2:])}
     try:
         inspect.signature(fn).bind(**kwargs)

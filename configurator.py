@@ -215,7 +215,7 @@ def bf16_is_fast(device_type):
 
 # bf16 dense tensor-core FLOP/s from the vendors' datasheets, matched against the device name in order
 PEAK_FLOPS = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200 NVL", 835e12), ("H200", 989e12), ("GH200", 989e12),
     ("GB200", 2500e12), ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 ]
 

@@ -2,9 +2,12 @@
 read from their logs, a run that fails is reported in its row while the others go on, and runs can be chosen by
 name. The profile of a compiled step lists its ops, on the CPU, and reports MFU on the fake GPU."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -33,10 +36,37 @@ def test_gpu_table_reads_each_run_from_its_log(workdir, monkeypatch, capsys):
         assert memory == "1.50 GB" and float(first.split()[0]) > 0  # fake_cuda's max_memory_allocated
         assert loss.endswith(" |") and 7 < float(loss[:-2]) < 9  # about ln(4096) = 8.3 after 40 steps of warm-up
     assert rows["bad"][0].startswith("failed: error: tokens_per_step=1024 is not a multiple of n_ctx")
-    bench.gpu(runs="tiny x2", max_iters=20, with_sampling=False)
-    assert [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| t")] == ["| tiny x2"]
+    # runs go in the order named, each with caches of its own (a cold start); a log too short for a median is a failed row
+    calls, run_timed = [], bench.run_timed
+    monkeypatch.setattr(bench, "run_timed", lambda command, timeout, env: calls.append(env) or run_timed(command, timeout, env))
+    bench.gpu(runs="tiny x2,tiny", max_iters=10, with_sampling=False)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| t")]
+    assert [row.split(" | ")[0] for row in rows] == ["| tiny x2", "| tiny"]
+    assert all("failed: fewer than two log lines: give more max_iters" in row for row in rows)
+    assert len({env["TORCHINDUCTOR_CACHE_DIR"] for env in calls}) == 2 and len({env["TRITON_CACHE_DIR"] for env in calls}) == 2
     with pytest.raises(SystemExit, match="no run named tiny x3; the runs are tiny, tiny x2, bad"):
         bench.gpu(runs="tiny,tiny x3")
+
+
+def test_a_run_is_stopped_at_its_timeout_even_when_a_worker_of_its_own_session_holds_its_pipes(tmp_path):
+    # as torchrun's workers do: a child in a session of its own, which the SIGTERM to its parent does not reach
+    pid_file = tmp_path / "child.pid"
+    script = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+              f"start_new_session=True); open({str(pid_file)!r}, 'w').write(str(child.pid)); "
+              "print('step 10: loss 8.3', flush=True); time.sleep(60)")
+    t0 = time.time()
+    code, first, why = bench.run_timed([sys.executable, "-c", script], timeout=3)
+    try:
+        assert time.time() - t0 < 20 and code != 0 and why == "timed out after 3 s" and 0 < first < 3
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_failed_run_is_named_by_its_error_line():
+    script = "import sys; print('error: tokens_per_step=3 is not a multiple', file=sys.stderr); print('=' * 40, file=sys.stderr); sys.exit(1)"
+    assert bench.run_timed([sys.executable, "-c", script], timeout=60) == (1, None, "error: tokens_per_step=3 is not a multiple")
+    script = "raise ValueError('bad shape')"
+    assert bench.run_timed([sys.executable, "-c", script], timeout=60) == (1, None, "ValueError: bad shape")
 
 
 def test_profile_lists_where_a_compiled_step_spends_its_time():

@@ -315,7 +315,8 @@ def test_sample_bad_arguments(workdir, args, message):
 
 
 @pytest.mark.parametrize("name, bf16", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                        ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 3090", 0.0)])
+                                        ("NVIDIA H200 NVL", 835e12),
+                                        ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA GeForce RTX 3090", 0.0)])
 def test_mfu_peak_is_the_gpus_bf16_entry_and_half_of_it_in_tf32(monkeypatch, name, bf16):
     # the more specific names come first in the table: an H100 PCIe is not taken for an H100 SXM
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
