@@ -5,6 +5,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,17 +30,21 @@ def run(script, *args, cwd, env=None):
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, timeout=600)
 
 
-def interrupt(script, *args, cwd, when):
-    """Start one of the repo's scripts, press Ctrl-C (SIGINT) once a line of its output makes when(line) true, and
-    return the CompletedProcess; a script that ends before that line is returned as it ended."""
+def interrupt(script, *args, cwd, when=None, after=None):
+    """Start one of the repo's scripts, press Ctrl-C (SIGINT) once a line of its output makes when(line) true (or
+    after that many seconds), and return the CompletedProcess; a script that ends before is returned as it ended."""
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, script), *args], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if when(line):
-            proc.send_signal(signal.SIGINT)
-            break
+    if after is not None:
+        time.sleep(after)
+        proc.send_signal(signal.SIGINT)
+    else:
+        for line in proc.stdout:
+            seen.append(line)
+            if when(line):
+                proc.send_signal(signal.SIGINT)
+                break
     stdout, stderr = proc.communicate(timeout=600)
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + stdout, stderr)
 

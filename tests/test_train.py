@@ -5,10 +5,8 @@ import json
 import math
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -160,11 +158,7 @@ def test_an_overwrite_replaces_the_old_run_as_a_whole(workdir, tmp_path):
 def test_ctrl_c_ends_in_one_line_and_the_run_resumes(workdir):
     args = ["--max_iters=100000", "--eval_interval=1000", "--log_interval=1"]
     # at any moment from torch's import on: one line, and a run stopped before its loop has written nothing
-    early = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, *args, "--out_dir=out/ctrl_c_early"],
-                             cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.0)
-    early.send_signal(signal.SIGINT)
-    line = one_error_line(subprocess.CompletedProcess(early.args, early.wait(), *early.communicate()))
+    line = one_error_line(interrupt("train.py", *TINY, *args, "--out_dir=out/ctrl_c_early", cwd=workdir, after=1.0))
     assert line.startswith("error: interrupted ")
     if "before training started" in line:
         assert not (workdir / "out" / "ctrl_c_early").exists()
