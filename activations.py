@@ -16,7 +16,7 @@ Sites, each with the TransformerLens hook it is (L: a layer, 0 to n_layers - 1; 
     attn_z.L      blocks.L.attn.hook_z        (n_heads, head_dim)  each head's output, before o_proj mixes them
     mlp_post.L    blocks.L.mlp.hook_post      (d_mlp,)             silu(gate_proj(x)) * up_proj(x), into down_proj
 
-They are read with forward hooks on the model's modules (model.py is not changed), and the forward pass
+They are read with forward hooks on the model's modules, and the forward pass
 stops after the last block a site needs.
 
 Rows: row k is token k of data/<dataset>/{split}.bin, so the rows are the split's stories in bin order, each

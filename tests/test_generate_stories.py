@@ -117,7 +117,7 @@ def test_axes_follow_their_weights_and_optional_probabilities():
     assert len(paragraphs) == 9 and np.abs(paragraphs - 1 / 9).max() < 0.005
 
 
-def test_axes_file_has_what_the_issue_asks_for():
+def test_axes_file_has_enough_distinct_values_on_every_axis():
     with open(os.path.join(ROOT, "axes.json")) as f:
         raw = json.load(f)
     minimum = {"themes": 60, "topics": 45, "styles": 20, "features": 25, "grammar": 30, "personas": 20}
