@@ -36,7 +36,7 @@ import sys
 
 import numpy as np
 
-from configurator import Parser, atomic_write, boolean, die, folder_problem
+from configurator import Parser, atomic_write, boolean, die, folder_problem, pick_device
 
 LENGTH_BUCKETS = (0, 128, 256, 512, 1024)  # predicted tokens: 0-127, 128-255, 256-511, 512-1023, 1024+
 OPENING_TOKENS = 10  # the opening loss is the mean over a story's first ten tokens after BOS
@@ -125,7 +125,6 @@ def load_run(args):
     (or --dataset's) and their story index, checked to have been made with the model's tokenizer."""
     import torch
 
-    from configurator import pick_device
     from prepare import open_bins, read_index
     from sample import load_model
 

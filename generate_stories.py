@@ -216,7 +216,7 @@ class Output:
             if k % args.n_shards != args.shard_index:
                 die(f"{path} holds prompt {k}, not of shard {args.shard}: give each shard its own"
                          f" --out")
-            # without the run file (deleted, or an output of an older version) the first record is the check
+            # without the run file (deleted) the first record is the check
             if n == 1 and made_with is None and record.get("prompt") != next(prompts_for(axes, names, args, [k]))[2]:
                 die(f"{path} was made with another --seed, --axes or --stories_per_prompt:"
                          f" use those, or another --out")

@@ -49,7 +49,7 @@ import numpy as np
 from api_client import (FatalError, GaveUp, RateLimiter, check_server, max_tokens_key, message_tokens,
                         price_per_token, with_retries)
 from configurator import atomic_write, die
-from evaluate import interval, load_run, markdown_table, model_files, plus_minus, write_report
+from evaluate import autocast_for, interval, load_run, markdown_table, model_files, plus_minus, write_report
 from stories import parse_completion, token_counts  # how the generator reads a chat completion
 
 METRICS = ("originality", "coherence", "grammar", "quality")
@@ -168,8 +168,6 @@ def sample_completions(model, tok, device, prompts, args, skip=(), enough=None):
     depend on the batches sampled before it."""
     import torch
     from tqdm import tqdm
-
-    from evaluate import autocast_for
 
     n_ctx = model.config.n_ctx
     encoded = {i: tok.encode(p, bos=True) for i, p in prompts}
@@ -376,7 +374,7 @@ async def grade_all(client, api, args, todo, log, progress):
         raise state["fatal"]
 
 
-def summary(records, prompts, args, price):
+def summary(records, prompts, price):
     """The report over the prompts' lines: per metric the mean, 95% interval and median of the grades."""
     rows = [records[i] for i, _ in prompts if i in records]
     graded = [r for r in rows if r["scores"]]
@@ -448,7 +446,7 @@ def judge_mode(args):
         if progress is not None:
             progress.bar.close()
         log.close()
-    result = summary(log.records, prompts, args, price)
+    result = summary(log.records, prompts, price)
     report = {"checkpoint": args.hf_dir or model_files(args)[0], **result, "settings": made_with,
               "method": "per metric: mean of the judge's 0-100 grades over the graded completions, with the "
                         "half-width of a 95% t-interval; answers that are not grades are counted, never scored"}

@@ -92,7 +92,7 @@ class FixedNorm(nn.Module):
     (so the model computes what it did for a token of average RMS); a model trained with norm='none' from scratch
     keeps INIT_SCALE. Computed in float32 as RMSNorm is."""
 
-    def __init__(self, dim, scale=1.0):
+    def __init__(self, dim, scale):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.register_buffer("scale", torch.tensor(float(scale)))

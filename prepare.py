@@ -221,8 +221,7 @@ def read_index(data_dir, split="val", columns=None):
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
     if not os.path.isfile(path) or not os.path.isfile(meta_path):
-        raise ValueError(f"{path} does not exist; run prepare.py for {data_dir} again (bins made before labels were "
-                         f"kept beside them have no story index)")
+        raise ValueError(f"{path} does not exist; run prepare.py for {data_dir} again")
     try:
         with open(meta_path) as f:
             expected = json.load(f)[split]["stories"]

@@ -142,7 +142,7 @@ if settings["init_from"] == "resume":
         die(f"cannot resume: {ckpt_path} does not exist; start with --init_from=scratch")
     try:
         checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        saved = {"norm": "rms", **checkpoint["train_config"]}  # checkpoints from before norm= have RMSNorm
+        saved = checkpoint["train_config"]
         model_config = GPTConfig(**checkpoint["model_config"])
         missing = {"model", "optimizer", "iter_num", "best_val_loss", "tokenizer", "meta", "loss_since_log", "rng"} - set(checkpoint)
         if missing:
@@ -153,8 +153,8 @@ if settings["init_from"] == "resume":
     # the run goes on with the settings it was started with; only those given now change them
     settings = {**configurator.resume(DEFAULTS, given, saved, FIXED_ON_RESUME, ckpt_path), "init_from": "resume"}
     # (a model imported by export.py has no optimizer state yet: any optimizer can start on it)
-    if checkpoint["meta"] is not None and settings["optimizer"] != saved.get("optimizer", "adamw"):
-        die(f"{ckpt_path} was trained with optimizer={saved.get('optimizer', 'adamw')}: its optimizer state cannot go on "
+    if checkpoint["meta"] is not None and settings["optimizer"] != saved["optimizer"]:
+        die(f"{ckpt_path} was trained with optimizer={saved['optimizer']}: its optimizer state cannot go on "
             f"with optimizer={settings['optimizer']}; drop that setting or start a new out_dir")
     if settings["max_iters"] < checkpoint["iter_num"]:
         die(f"{ckpt_path} is at step {checkpoint['iter_num']}, past max_iters={settings['max_iters']}; give a larger --max_iters")

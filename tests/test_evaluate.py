@@ -360,7 +360,7 @@ def naive_report(stories):
     return out
 
 
-def test_data_report_matches_a_naive_exact_computation(tmp_path, monkeypatch):
+def test_data_report_matches_a_naive_exact_computation(tmp_path):
     records = [json.loads(line) for line in open(SAMPLE)]
     copy = dict(records[5], id="copy")  # an exact duplicate, and a near one: a word changed
     near = dict(records[9], id="near", story=records[9]["story"].replace(" the ", " a ", 1))
@@ -434,7 +434,7 @@ def test_sketches_past_their_exact_range():
     assert (estimate[:20] == true[:20]).all()  # the heavy hitters, never dropped: exact
 
 
-def test_data_report_of_stories_too_short_for_a_4_gram(tmp_path, capsys):
+def test_data_report_of_stories_too_short_for_a_4_gram(tmp_path):
     data = tmp_path / "short.jsonl"
     data.write_text('{"story": "Hi there."}\n{"story": "Go home now."}\n')
     evaluate.main([f"--data={data}", f"--eval_dir={tmp_path / 'report'}"])

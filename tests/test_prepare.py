@@ -108,7 +108,7 @@ def test_stories_without_labels_and_labels_of_the_wrong_type(workdir, tmp_workdi
     assert "line 41: label num_paragraphs is 'three', not a whole number" in one_error_line(result)
 
 
-def test_split_is_stable_as_the_corpus_grows(tmp_path):
+def test_split_is_stable_as_the_corpus_grows():
     ids = [f"story-{i}" for i in range(2000)]
     before = {i: prepare.split_of(i, 0.05) for i in ids[:1000]}
     assert all(prepare.split_of(i, 0.05) == s for i, s in before.items())
@@ -136,7 +136,7 @@ def good_lines():
     (b'{"id": "x", "text": "no story key"}\n', "line 41: record has no text field 'story'"),
     (b'{"story": "caf\xe9"}\n', "line 41: not UTF-8"),
 ])
-def test_bad_input_leaves_the_old_output_intact(workdir, tmp_workdir, bad_line, message):
+def test_bad_input_leaves_the_old_output_intact(tmp_workdir, bad_line, message):
     out = tmp_workdir / "data" / "sample"
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     bad = out / "bad.jsonl"

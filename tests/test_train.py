@@ -412,7 +412,7 @@ def test_config_files_count_as_much_as_flags_on_resume(workdir, tmp_path):
     assert "n_layers (2 -> 3)" in line
 
 
-def test_resume_refuses_bins_or_tokenizer_made_since(workdir, tmp_workdir):
+def test_resume_refuses_bins_or_tokenizer_made_since(tmp_workdir):
     train(tmp_workdir, "--max_iters=2", "--eval_interval=2", "--out_dir=out/pinned")
     sampled = run("sample.py", "--out_dir=out/pinned", "--max_new_tokens=20", cwd=tmp_workdir)
     assert sampled.returncode == 0, sampled.stderr
