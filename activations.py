@@ -53,7 +53,7 @@ import time
 
 import numpy as np
 
-from configurator import Parser, atomic_write, boolean, die, folder_problem
+from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem
 
 SITES = {  # kind: (its TransformerLens hook, the module of block L it is read from, its input (True) or its output)
     "resid_pre": ("blocks.{L}.hook_resid_pre", lambda block: block, True),
@@ -139,7 +139,7 @@ def record(model, tokens, offsets, lengths, n_tokens, sites, dtype, stride, batc
     from safetensors.torch import save
     from tqdm import tqdm
 
-    from evaluate import autocast_for, windows
+    from evaluate import windows
 
     c, n_ctx = model.config, model.config.n_ctx
     captured = {}

@@ -1,5 +1,5 @@
 """What the scripts share: settings (config files, --key=value flags and their checks), the device to run
-on, and how they write files and end with an error.
+on and its precision, and how they write files and end with an error.
 
 A config file holds plain `name = value` lines (values are Python literals, read with ast, never run);
 --key=value flags come after config files and override them. A script's settings are its globals with
@@ -11,7 +11,8 @@ their defaults, each with a trailing comment that --help prints:
     device = configurator.pick_device("auto")                  # 'cuda:0' on a GPU machine, else 'cpu'
 
 Every problem ends the script with one `error: ...` line (die) that names the setting and where it was
-given; code that other code calls raises ValueError instead, which a script's main turns into that line.
+given; code meant to be imported (the Tokenizer, prepare.open_bins, model.py, ...) raises ValueError instead, which a
+script's main turns into that line.
 A file is written whole or not at all (atomic_write), so a crash never leaves a half-written one.
 """
 
@@ -21,7 +22,7 @@ import math
 import os
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 
 def die(message):
@@ -211,6 +212,17 @@ def bf16_is_fast(device_type):
         amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
         return bool(amx and amx())
     return False
+
+
+def autocast_for(device):
+    """The precision the scripts that run a trained model (sample, evaluate, judge, activations, remove_norms) use:
+    bf16 autocast on a GPU with native bf16, else float32 (on a CPU, even with AMX: casting the weights at every
+    decode step ate the gain at batch 1, see BENCHMARKS.md)."""
+    import torch
+
+    if device.startswith("cuda") and bf16_is_fast("cuda"):
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 # bf16 dense tensor-core FLOP/s from the vendors' datasheets, matched against the device name in order

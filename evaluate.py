@@ -36,7 +36,7 @@ import sys
 
 import numpy as np
 
-from configurator import Parser, atomic_write, boolean, die, folder_problem, pick_device
+from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem, pick_device
 
 LENGTH_BUCKETS = (0, 128, 256, 512, 1024)  # predicted tokens: 0-127, 128-255, 256-511, 512-1023, 1024+
 OPENING_TOKENS = 10  # the opening loss is the mean over a story's first ten tokens after BOS
@@ -145,16 +145,6 @@ def load_run(args):
         raise ValueError(f"{data_dir} was tokenized with another tokenizer ({meta['tokenizer']}) than the model "
                          f"in {args.hf_dir or args.out_dir}; give --dataset bins made with the model's tokenizer")
     return model, tok, device, data_dir, meta, read_index(data_dir, args.split)
-
-
-def autocast_for(device):
-    """bf16 autocast on a GPU that has it (as train.py and sample.py run), else nothing."""
-    import torch
-    from contextlib import nullcontext
-
-    if device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,7 +417,7 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=0.7, help="the model's sampling temperature")
     g.add_argument("--top_k", type=int, default=40, help="the model samples from its top_k tokens (0: all)")
     g.add_argument("--max_new_tokens", type=int, default=300, help="tokens the model adds to a prompt at most")
-    g.add_argument("--seed", type=int, default=1337, help="seeds the model's sampling")
+    g.add_argument("--seed", type=int, default=1337, help="seeds the model's sampling, and the data report's samples")
     g.add_argument("--judge_model", default="gpt-4o-mini", help="the judge, any chat model of the server")
     g.add_argument("--base_url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
     g.add_argument("--response_format", default="json_schema", choices=("json_schema", "json_object", "none"),

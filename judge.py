@@ -48,8 +48,8 @@ import numpy as np
 
 from api_client import (FatalError, GaveUp, RateLimiter, check_server, max_tokens_key, message_tokens,
                         price_per_token, with_retries)
-from configurator import atomic_write, die
-from evaluate import autocast_for, interval, load_run, markdown_table, model_files, plus_minus, write_report
+from configurator import atomic_write, autocast_for, die
+from evaluate import interval, load_run, markdown_table, model_files, plus_minus, write_report
 from stories import parse_completion, token_counts  # how the generator reads a chat completion
 
 METRICS = ("originality", "coherence", "grammar", "quality")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import Parser, atomic_write, boolean, die, folder_problem, pick_device
+from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem, pick_device
 from model import FixedNorm
 from prepare import SPLITS, open_bins
 
@@ -148,8 +148,7 @@ def main():
         if len(data[split]) < n_ctx + 2:
             die(f"{data_dir}/{split}.bin holds {len(data[split])} tokens, fewer than n_ctx + 2 = {n_ctx + 2}; give more stories")
 
-    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = autocast_for(device)
     rng = np.random.default_rng(args.seed)
 
     def train_batch():

@@ -18,12 +18,11 @@ import json
 import math
 import os
 import re
-from contextlib import nullcontext
 from dataclasses import asdict
 
 import torch
 
-from configurator import Parser, boolean, die, pick_device
+from configurator import Parser, autocast_for, boolean, die, pick_device
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -142,8 +141,7 @@ def main():
     device = pick_device(args.device)
     model, tok = load_model(args.out_dir, device, args.hf_dir, args.step)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    autocast = autocast_for(device)
     for prompt in prompts:
         ids = tok.encode(prompt, bos=True)
         if len(ids) >= model.config.n_ctx:
