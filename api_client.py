@@ -1,4 +1,4 @@
-"""Talking to an OpenAI-compatible API: what the live loop and the Batch API of generate_stories.py share.
+"""Talking to an OpenAI-compatible API: what the live loop and the Batch API of generate_stories.py, and judge.py, share.
 
 - with_retries: a call tried again on rate limits, server errors, timeouts, dropped connections and
   answers that are not JSON, with exponential backoff and jitter, or as long as Retry-After asks (at

@@ -184,7 +184,7 @@ def open_bins(data_dir, splits=SPLITS):
     """(meta, {split: token ids}) of the bins in data_dir, memmapped, checked against their meta.json: ValueError in
     one line naming the file, for a meta.json that is missing, not JSON or without what this script writes in it,
     and for a bin of another size than meta.json gives or holding an id past vocab_size (damaged). The scripts that
-    read bins (train.py, evaluate.py, activations.py, remove_norms.py) read them through this."""
+    read bins (train.py, evaluate.py, activations.py, remove_norms.py, judge.py) check them through this first."""
     meta_path = os.path.join(data_dir, "meta.json")
     if not os.path.isfile(meta_path):
         raise ValueError(f"{meta_path} is missing; run prepare.py to make the bins of {data_dir}")
@@ -319,7 +319,7 @@ def main():
     parser.add_argument("--input", default="data/sample/stories.jsonl",
                         help="stories: .jsonl, .parquet or .txt file, folder or glob, or hf:OWNER/NAME on the hub")
     parser.add_argument("--val_input", default="", help="stories that make val.bin whole (then --input makes train.bin)")
-    parser.add_argument("--tokenizer", default="tokenizers/sample.model", help="sentencepiece model from tokenizer.py")
+    parser.add_argument("--tokenizer", default="tokenizers/sample.model", help="sentencepiece model from tokenizer.py, or a Hugging Face tokenizer.json")
     parser.add_argument("--out_dir", default="", help="where the bins go (default: the input's folder, data/<name> for hf:)")
     parser.add_argument("--val_fraction", type=float, default=0.05, help="share of stories that go to val.bin")
     parser.add_argument("--chunk_stories", type=int, default=4096, help="stories encoded and written at a time")

@@ -6,7 +6,8 @@
 - the cleaning rules that fix an answer's stories or drop them, each counted by name (clean_story),
   the hint a run that stops gives for each (HINTS), and the record written for a story (make_records);
 - the dry run: example prompts, how often each axis value is drawn, a chi-square test of independence
-  for every pair of axes, and the tokens and dollars the job will cost.
+  for every pair of axes, and the tokens and dollars the job will cost;
+- reading a chat completion's text and token counts (parse_completion, token_counts), which judge.py shares.
 
 A record: id (the story's SHA-1, as tokenizer.py derives it), story (paragraphs separated by a blank
 line), the labels theme, topic, style, feature, grammar ("" if none), persona ("" if none),

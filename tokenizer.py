@@ -194,7 +194,7 @@ def read_stories(spec, labels=False):
 
 
 class Tokenizer:
-    """A trained tokenizer: encode, decode, bos_id, eos_id, vocab_size, token_bytes, sha256.
+    """A trained tokenizer: encode, encode_many, decode, bos_id, eos_id, vocab_size, token_bytes, sha256.
 
     Tokenizer(path) reads the model file; Tokenizer(path, proto) takes the file's bytes as they were saved
     elsewhere (a checkpoint keeps them), path then only naming where they came from. The file is our

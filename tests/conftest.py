@@ -1,4 +1,6 @@
-"""Shared fixtures: a working folder with the sample corpus tokenized, and a runner for the scripts."""
+"""Shared fixtures and helpers: a working folder with the sample corpus tokenized (and private copies of it), the
+tiny model's flags (TINY), and ways to run a script as a user would (run), press Ctrl-C in it (interrupt) and check
+that it failed in one line (one_error_line)."""
 
 import os
 import shutil
