@@ -19,8 +19,8 @@ bins or a tokenizer made since, and settings (config file or flag) that would ch
 0, 1, 2, 4, 8, ... (powers of two), at every evaluation and at the last step; linear:N at every N steps and
 the last. Each is out_dir/checkpoints/step_0000512.safetensors (float32 weights, the output embedding tied to
 the input one and stored once; metadata: step, model_config, tokenizer_sha256, and val_loss at an evaluation).
-`sample.py`, `evaluate.py` and `export.py` take --step=512 to use one. A resume drops the snapshots after its
-checkpoint (a killed run's), and a scratch run drops those of the run it replaces.
+`sample.py`, `evaluate.py`, `activations.py` and `export.py` take --step=512 to use one. A resume drops the
+snapshots after its checkpoint (a killed run's), and a scratch run drops those of the run it replaces.
 """
 
 import signal
@@ -168,6 +168,9 @@ if init_from == "scratch" and os.path.exists(ckpt_path) and not overwrite:
 problem = configurator.folder_problem(out_dir)  # found now, not after the data and model are set up
 if problem:
     die(f"out_dir={out_dir} cannot be written: {problem}; choose another --out_dir")
+if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+    die(f"optimizer=muon needs torch.optim.Muon, in torch 2.9 and newer, and this is torch {torch.__version__}: "
+        f"upgrade torch or use optimizer=adamw")
 if wandb_log:
     try:
         import wandb

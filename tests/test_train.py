@@ -517,7 +517,7 @@ def test_checkpoints_over_training(workdir, tmp_path):
                    "--out_dir=out/keep_resumed", "--overwrite=True")
     assert list(snapshots(workdir, "out/keep_resumed")) == [0, 3, 6, 7]
 
-    # sample.py, evaluate.py and export.py take --step
+    # sample.py, evaluate.py, activations.py and export.py take --step
     model, _ = load_model(str(workdir / "out" / "keep"), "cpu", step=4)
     assert all(torch.equal(model.state_dict()[k], kept[4][k]) for k in kept[4])
     assert torch.equal(model.lm_head.weight, kept[4]["embed.weight"])
@@ -574,3 +574,13 @@ def test_muon_on_a_gpu_uses_fused_adamw_for_the_rest(workdir):
     assert result.returncode == 0, result.stderr
     state = torch.load(workdir / "out" / "gpu_muon" / "ckpt.pt", weights_only=True)["optimizer"]
     assert all(group["fused"] for group in state["adamw"]["param_groups"]) and len(state["muon"]["state"]) == 14
+
+
+def test_muon_on_a_torch_without_it_is_refused_in_one_line(workdir):
+    code = ("import sys, runpy, torch; del torch.optim.Muon; sys.argv = sys.argv[1:]; "
+            "runpy.run_path(sys.argv[0], run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code, os.path.join(REPO, "train.py"), *TINY, "--optimizer=muon",
+                             "--max_iters=2", "--out_dir=out/no_muon"], cwd=workdir, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": REPO})
+    line = one_error_line(result)
+    assert "torch 2.9" in line and "optimizer=adamw" in line and not (workdir / "out" / "no_muon").exists()
