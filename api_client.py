@@ -35,6 +35,7 @@ PRICES = {
 BATCH_DISCOUNT = 0.5  # the Batch API costs half
 MAX_BACKOFF = 60.0  # seconds; the longest wait between two tries of a request
 RETRIED_4XX = (408, 409, 429)  # request timeout, conflict, rate limit: worth another try; other 4xx answers are not
+MIN_GIVE_UPS = 10  # prompts in a row that get no answer before a run stops (at least --concurrency of them)
 PREFLIGHT_TIMEOUT = 10.0  # seconds the server has to answer the GET /models that starts a run
 
 

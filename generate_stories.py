@@ -57,12 +57,12 @@ from collections import Counter
 import openai
 from tqdm import tqdm
 
-from api_client import FatalError, GaveUp, RateLimiter, check_server, price_per_token, request_body, with_retries
+from api_client import (MIN_GIVE_UPS, FatalError, GaveUp, RateLimiter, check_server, price_per_token, request_body,
+                        with_retries)
 from configurator import Parser, atomic_write, boolean, die
 from stories import (HINTS, TOKENS_PER_PARAGRAPH, duplicate_key, dry_run, iter_prompts, load_axes, make_records,
                      parse_completion, prompts_for, token_counts)
 
-MIN_GIVE_UPS = 10  # prompts in a row that get no answer before a run stops (at least --concurrency of them)
 MIN_ANSWERS = 100  # answers in before a run's yield is judged against --min_yield
 
 

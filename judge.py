@@ -46,7 +46,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from api_client import (FatalError, GaveUp, RateLimiter, check_server, max_tokens_key, message_tokens,
+from api_client import (MIN_GIVE_UPS, FatalError, GaveUp, RateLimiter, check_server, max_tokens_key, message_tokens,
                         price_per_token, with_retries)
 from configurator import atomic_write, autocast_for, die
 from evaluate import interval, load_run, markdown_table, model_files, plus_minus, write_report
@@ -55,7 +55,6 @@ from stories import parse_completion, token_counts  # how the generator reads a 
 METRICS = ("originality", "coherence", "grammar", "quality")
 JUDGE_MAX_TOKENS = 400  # an explanation of a few sentences and four numbers fit with room to spare
 ANSWER_TOKENS = 90  # a judge answer's usual length, for the dry run's cost (a guess)
-MIN_GIVE_UPS = 10  # prompts in a row that get no answer before a run stops (at least --concurrency of them)
 
 # the published evaluation's four criteria and scale (simple_stories_train, evaluate.py), in our words
 JUDGE_PROMPT = """Here is a short story in simple English. Its first words were given: "{prompt}". \

@@ -529,7 +529,7 @@ flops_per_step = raw_model.flops_per_token() * tokens_per_step
 start_iter = iter_num
 t_last, timed_steps, ms_per_step = time.time(), 0, 0.0
 batches = train_batches(iter_num)
-data_wait = 0.0  # seconds the loop waited for batches since the last log line
+wait_s = 0.0  # seconds the loop waited for batches since the last log line
 while True:
     val_loss = None
     if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -547,7 +547,7 @@ while True:
                 if sample_tokens:
                     print(f"sample: {sample_story()!r}", flush=True)
             saved_step = iter_num  # on every rank: each names it if the run stops
-            t_last, timed_steps, data_wait = time.time(), 0, 0.0  # evaluation time is not training time
+            t_last, timed_steps, wait_s = time.time(), 0, 0.0  # evaluation time is not training time
     if master and iter_num in keep and (iter_num > start_iter or not os.path.exists(snapshot_path(out_dir, iter_num))):
         t0 = time.time()
         save_snapshot(iter_num, val_loss)
@@ -562,7 +562,7 @@ while True:
     for micro_step in range(grad_accum):
         t_wait = time.time()
         x, y, weight = next(batches)
-        data_wait += time.time() - t_wait
+        wait_s += time.time() - t_wait
         if ddp:  # all-reduce the gradients on the last micro-step only
             model.require_backward_grad_sync = micro_step == grad_accum - 1
         if cuda_graphs:
@@ -589,8 +589,8 @@ while True:
             loss_steps = 0
         now = time.time()
         dt = (now - t_last) / timed_steps
-        data_share = data_wait / (now - t_last)  # of the step time, spent waiting for the next batch
-        t_last, timed_steps, data_wait = now, 0, 0.0
+        data_wait = wait_s / (now - t_last)  # of the step time, spent waiting for the next batch
+        t_last, timed_steps, wait_s = now, 0, 0.0
         # ETA from a running average of step time; the first interval (compilation, warm-up) is replaced, not averaged
         ms_per_step = dt * 1000 if iter_num - start_iter <= log_interval else 0.9 * ms_per_step + 0.1 * dt * 1000
         tokens_per_s = tokens_per_step / dt
@@ -598,9 +598,9 @@ while True:
         eta_s = (max_iters - iter_num) * ms_per_step / 1000
         peak_gb = torch.cuda.max_memory_allocated(device) / 2**30 if device_type == "cuda" else None  # since the start
         log({"step": iter_num, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(), "ms_per_step": dt * 1000,
-             "tokens_per_s": tokens_per_s, "mfu": mfu, "data_wait": data_share, "peak_memory_gb": peak_gb, "eta_s": eta_s},
+             "tokens_per_s": tokens_per_s, "mfu": mfu, "data_wait": data_wait, "peak_memory_gb": peak_gb, "eta_s": eta_s},
             f"step {iter_num}: loss {loss_value:.4f} | lr {lr:.2e} | grad norm {grad_norm.item():.3f} | {dt * 1000:.0f} ms/step | "
-            f"{tokens_per_s:,.0f} tokens/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | data wait {100 * data_share:.1f}% | "
+            f"{tokens_per_s:,.0f} tokens/s | MFU {'-' if mfu is None else f'{100 * mfu:.1f}%'} | data wait {100 * data_wait:.1f}% | "
             + ("" if peak_gb is None else f"{peak_gb:.2f} GB | ") + f"ETA {eta_s / 60:.1f} min")
 
 if master:
