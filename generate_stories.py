@@ -184,6 +184,19 @@ class Output:
             busy = True
         if busy:
             die(f"another run is writing {path}: let it finish, or use another --out")
+        self.dropped = None
+        try:
+            self.read(args, axes, names)
+        except SystemExit:  # refused: leave no empty file behind
+            for file, file_path in ((self.file, path), (self.dropped, self.dropped_path)):
+                if file is not None and os.fstat(file.fileno()).st_size == 0 and os.path.exists(file_path):
+                    os.remove(file_path)
+            raise
+
+    def read(self, args, axes, names):
+        """Open the dropped-prompt file, read what the files hold and check it was made with these arguments
+        (ending the script in one line if not), then write the run file."""
+        path = self.path
         try:
             self.dropped = open(self.dropped_path, "ab+")
             with open(self.run_path) as f:

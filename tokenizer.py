@@ -26,6 +26,7 @@ from configurator import Parser, atomic_write, die, folder_problem
 
 PARAGRAPH_BREAK = "\n\n"
 TEXT_SEPARATOR = "<|endoftext|>"
+NOT_STORIES = (".stories.parquet", ".dropped.jsonl")  # files a folder of stories holds beside them: prepare.py's, the generator's
 SP_SPACE = "\u2581"  # sentencepiece's whitespace symbol; a literal one in the text is encoded as bytes
 
 
@@ -70,7 +71,8 @@ def input_name(spec):
 
 
 def input_files(spec, flag="--input"):
-    """Files named by spec: a file, a folder (its .jsonl, .parquet and .txt files), a glob pattern, or a
+    """Files named by spec: a file, a folder (its .jsonl, .parquet and .txt files, less what the pipeline writes beside
+    the stories: prepare.py's story index, the generator's dropped prompts), a glob pattern, or a
     dataset on the Hugging Face hub, 'hf:OWNER/NAME[:SPLIT]' (the train split unless another is named); flag is
     the script's flag for an input, which the errors name."""
     if spec.startswith(HUB):
@@ -81,7 +83,8 @@ def input_files(spec, flag="--input"):
                              f"name one as {flag}=hf:{repo_id}:SPLIT")
         return splits[split or "train"]
     if os.path.isdir(spec):
-        files = sorted(f for ext in ("jsonl", "parquet", "txt") for f in glob.glob(os.path.join(spec, f"*.{ext}")))
+        files = sorted(f for ext in ("jsonl", "parquet", "txt") for f in glob.glob(os.path.join(spec, f"*.{ext}"))
+                       if not f.endswith(NOT_STORIES))
     elif any(c in spec for c in "*?["):
         files = sorted(glob.glob(spec))
     else:
@@ -107,6 +110,15 @@ LABELS = ("theme", "topic", "style", "feature", "grammar", "persona", "initial_w
           "num_paragraphs")
 
 
+def is_text(s):
+    """Whether the string s is text that UTF-8 can hold: JSON's escapes can make a lone surrogate, which is not."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def story_labels(values, where):
     """{label: value} of the LABELS present in values (a record, or a parquet row), each checked: num_paragraphs
     a whole number, the others text. A missing or null label is left out. ValueError names where."""
@@ -116,7 +128,7 @@ def story_labels(values, where):
         if value is None:
             continue
         wanted = int if key == "num_paragraphs" else str
-        if type(value) is not wanted:
+        if type(value) is not wanted or (wanted is str and not is_text(value)):
             raise ValueError(f"{where}: label {key} is {value!r}, not {'a whole number' if wanted is int else 'text'}")
         labels[key] = value
     return labels
@@ -126,8 +138,10 @@ def read_stories(spec, labels=False):
     """Yield (id, story) for every story in the input files, streaming, in file order; with labels=True,
     (id, story, labels), labels a {label: value} dict of the LABELS the record has (empty for text input).
 
-    Bad input (a line that is not JSON, a record without a text 'story', bytes that are not UTF-8, with
-    labels=True a label of the wrong type) raises ValueError naming the file and line.
+    Bad input (a line that is not JSON, a record without a text 'story', bytes that are not UTF-8, a parquet
+    'story' column that is not strings, with labels=True a label of the wrong type) raises ValueError naming the
+    file and line. A UTF-8 byte order mark at the start of a file is skipped, and a .txt file's CRLF line ends
+    read as LF.
     """
     for path in input_files(spec):
         if path.endswith(".jsonl"):
@@ -136,14 +150,17 @@ def read_stories(spec, labels=False):
                     if not raw.strip():
                         continue
                     try:
-                        record = json.loads(raw.decode("utf-8"))
+                        record = json.loads(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))
                     except UnicodeDecodeError:
                         raise ValueError(f"{path} line {line_no}: not UTF-8 text; re-encode the file as UTF-8") from None
                     except json.JSONDecodeError as e:
                         raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); fix or delete that line") from None
                     if not isinstance(record, dict) or not isinstance(record.get("story"), str):
                         raise ValueError(f"{path} line {line_no}: record has no text field 'story'; each line must be a JSON object with a 'story' string")
-                    sid = str(record.get("id") or story_id(record["story"]))
+                    sid = str(record.get("id") or story_id(record["story"])) if is_text(record["story"]) else ""
+                    if not sid or not is_text(sid):
+                        raise ValueError(f"{path} line {line_no}: its story or id holds a lone surrogate (an escape in "
+                                         f"\\ud800-\\udfff without its pair), which is not text; fix or delete that line")
                     if labels:
                         yield sid, record["story"], story_labels(record, f"{path} line {line_no}")
                     else:
@@ -157,6 +174,9 @@ def read_stories(spec, labels=False):
                 names = shard.schema_arrow.names
                 if "story" not in names:
                     raise ValueError(f"{path}: no column 'story' (columns: {', '.join(names)})")
+                story_type = shard.schema_arrow.field("story").type
+                if not (pa.types.is_string(story_type) or pa.types.is_large_string(story_type)):
+                    raise ValueError(f"{path}: column 'story' holds {story_type}, not strings")
                 columns = ["story"] + (["id"] if "id" in names else []) + ([k for k in LABELS if k in names] if labels else [])
                 row = 0
                 for batch in shard.iter_batches(columns=columns, batch_size=8192):
@@ -178,9 +198,11 @@ def read_stories(spec, labels=False):
                 lines = []
                 for line_no, raw in enumerate(f, 1):
                     try:
-                        line = raw.decode("utf-8")
+                        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
                     except UnicodeDecodeError:
                         raise ValueError(f"{path} line {line_no}: not UTF-8 text; re-encode the file as UTF-8") from None
+                    if line.endswith("\r\n"):
+                        line = line[:-2] + "\n"
                     if line.strip() == TEXT_SEPARATOR:
                         text = "".join(lines).strip("\n")
                         if text:

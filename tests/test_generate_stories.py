@@ -345,7 +345,8 @@ def test_resume_with_other_arguments_is_refused_naming_what_differs(monkeypatch,
                                                  f" use the same arguments, or another --out$"):
                 generate(monkeypatch, server, out, "--n_stories=16", other, *mode)
     assert server.stats["chat"] == 2 and len(read(out)) == 8
-    # a run file deleted: the first record is the check, as for an output of an older version, and it is written again
+    assert not os.path.exists(f"{out}.dropped.jsonl")  # a refused run leaves no empty file behind
+    # a run file deleted: the first record is the check, and it is written again
     os.remove(f"{out}.run.json")
     with pytest.raises(SystemExit, match="was made with another --seed, --axes or --stories_per_prompt"):
         generate(monkeypatch, server, out, "--n_stories=16", "--seed=3")

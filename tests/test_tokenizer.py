@@ -1,6 +1,7 @@
 """tokenizer.py: lossless on the sample and on awkward text, cheap paragraph breaks, clear refusals."""
 
 import json
+import shutil
 
 import pytest
 
@@ -87,10 +88,31 @@ def test_reads_parquet_and_text(tmp_path):
     assert [t for _, t in read_stories(str(tmp_path / "shard.parquet"))] == stories
     assert [t for _, t in read_stories(str(tmp_path / "stories.txt"))] == stories
     assert len(list(read_stories(str(tmp_path)))) == 4  # a folder: every file in it
+    # a byte order mark and CRLF line ends, as Windows editors write them, are not part of the text
+    (tmp_path / "windows.txt").write_bytes(b"\xef\xbb\xbf" + "<|endoftext|>\r\n".join(s + "\r\n" for s in stories)
+                                           .replace("\n\n", "\r\n\r\n").encode())
+    assert [t for _, t in read_stories(str(tmp_path / "windows.txt"))] == stories
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + open(SAMPLE, "rb").read())
+    assert list(read_stories(str(tmp_path / "bom.jsonl"))) == list(read_stories(SAMPLE))
+    pq.write_table(pa.table({"story": [1, 2]}), tmp_path / "numbers.parquet")
+    with pytest.raises(ValueError, match="numbers.parquet: column 'story' holds int64, not strings"):
+        list(read_stories(str(tmp_path / "numbers.parquet")))
+
+
+def test_a_folder_of_stories_leaves_out_what_the_pipeline_writes_beside_them(workdir, tmp_path):
+    shutil.copy(SAMPLE, tmp_path / "stories.jsonl")
+    (tmp_path / "stories.jsonl.dropped.jsonl").write_text('{"prompt_id": 3, "reason": "no story"}\n')
+    tokenizer = str(workdir / "tokenizers" / "sample.model")
+    for _ in range(2):  # the second run finds the first one's story index in the folder
+        result = run("prepare.py", f"--input={tmp_path}", f"--tokenizer={tokenizer}", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert json.load(open(tmp_path / "meta.json"))["val"]["stories"] + json.load(open(tmp_path / "meta.json"))[
+        "train"]["stories"] == 350
 
 
 @pytest.mark.parametrize("bad_line, message", [(b"{not json\n", "line 41: not valid JSON"),
-                                               (b'{"story": "caf\xe9"}\n', "line 41: not UTF-8")])
+                                               (b'{"story": "caf\xe9"}\n', "line 41: not UTF-8"),
+                                               (b'{"story": "half \\ud800 a pair"}\n', "line 41: its story or id holds a lone surrogate")])
 def test_bad_input_is_one_clear_line(tmp_path, bad_line, message):
     lines = open(SAMPLE, "rb").read().splitlines(keepends=True)
     corpus = tmp_path / "bad.jsonl"
