@@ -65,7 +65,6 @@ TOP_COUNTERS = 1 << 20  # 4-gram counters of the Misra-Gries summary (24 MB)
 ZIPF_RANKS, ZIPF_POINTS = 10_000, 100
 OPENING_WORDS, OPENING_COUNTERS = 3, 10_000
 SHINGLE_WORDS, NUM_PERM = 5, 128
-MAX_WORDS, MAX_PARAGRAPHS = 4096, 256  # histogram ranges; longer stories count in the last bin
 MAX_LABEL_VALUES = 1000  # a column with more values than this is no label
 PRIME = np.uint64(0x100000001B3)  # FNV's 64-bit prime: the n-gram hash is a polynomial in it
 
@@ -177,6 +176,13 @@ def entropy_bits(counts):
     return float(-(p * np.log2(p)).sum())
 
 
+def add_to_histogram(histogram, values):
+    """histogram (counts of 0, 1, 2, ...) with the whole numbers values counted in, grown to the largest one."""
+    counts = np.bincount(values, minlength=len(histogram))
+    counts[:len(histogram)] += histogram
+    return counts
+
+
 def percentiles(histogram, qs=(5, 50, 95)):
     """Percentiles of the values whose histogram (counts of 0, 1, 2, ...) is given: the smallest value with at
     least q% of the values at or below it."""
@@ -192,7 +198,7 @@ class DatasetStats:
         self.distinct = {n: Distinct() for n in (2, 3, 4)}  # 1-grams: the vocabulary itself
         self.ngrams = Counter()  # n -> n-grams in all
         self.fourgrams = TopCounts()
-        self.words, self.paragraphs = np.zeros(MAX_WORDS + 1, np.int64), np.zeros(MAX_PARAGRAPHS + 1, np.int64)
+        self.words, self.paragraphs = np.zeros(1, np.int64), np.zeros(1, np.int64)  # histograms of the stories' lengths
         self.story_hashes, self.opening_hashes = [], []  # uint64 arrays: 16 bytes a story
         self.openings = Counter()  # Misra-Gries summary of the opening texts, OPENING_COUNTERS of them
         self.labels = {k: Counter() for k in LABELS}
@@ -205,9 +211,9 @@ class DatasetStats:
         texts = [text for text, _ in stories]
         words = [words_of(text) for text in texts]
         counts = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
-        self.words += np.bincount(np.minimum(counts, MAX_WORDS), minlength=MAX_WORDS + 1)
+        self.words = add_to_histogram(self.words, counts)
         paragraphs = [sum(1 for p in text.split("\n\n") if p.strip()) for text in texts]
-        self.paragraphs += np.bincount(np.minimum(paragraphs, MAX_PARAGRAPHS), minlength=MAX_PARAGRAPHS + 1)
+        self.paragraphs = add_to_histogram(self.paragraphs, np.array(paragraphs, dtype=np.int64))
         self.story_hashes.append(np.fromiter((hash64(t.strip()) for t in texts), dtype=np.uint64, count=len(texts)))
         openings = [" ".join(w[:OPENING_WORDS]) for w in words]
         self.opening_hashes.append(np.fromiter(map(hash64, openings), dtype=np.uint64, count=len(openings)))
@@ -264,9 +270,9 @@ class DatasetStats:
         distinct = {1: (len(self.vocab), True), **{k: d.count() for k, d in self.distinct.items()}}
         out = {
             "stories": n,
-            "words": {"mean": float((self.words * np.arange(MAX_WORDS + 1)).sum() / n), "p5": word_p[0],
+            "words": {"mean": float((self.words * np.arange(len(self.words))).sum() / n), "p5": word_p[0],
                       "median": word_p[1], "p95": word_p[2], "histogram": self.words.tolist()},
-            "paragraphs": {"mean": float((self.paragraphs * np.arange(MAX_PARAGRAPHS + 1)).sum() / n),
+            "paragraphs": {"mean": float((self.paragraphs * np.arange(len(self.paragraphs))).sum() / n),
                            "p5": para_p[0], "median": para_p[1], "p95": para_p[2]},
             "zipf": {"exponent": exponent, "ranks_fitted": fitted, "fourgrams": int(self.fourgrams.total),
                      "exact": not self.fourgrams.dropped,
@@ -507,8 +513,8 @@ def data_plots(eval_dir, results):
     for r in results:
         h = np.array(r["words"]["histogram"], dtype=np.float64)
         top = max(r["words"]["p95"] * 2, 50)
-        edges = np.arange(0, min(top, MAX_WORDS) + 10, 10)
-        binned = np.add.reduceat(h[:edges[-1]], edges[:-1]) / h.sum()
+        edges = np.arange(0, top + 10, 10)
+        binned = np.add.reduceat(np.pad(h, (0, max(0, edges[-1] - len(h))))[:edges[-1]], edges[:-1]) / h.sum()
         ax.step(edges[:-1], binned, where="post", label=r["data"])
     ax.set_title("length of the stories", fontsize=9)
     ax.set_xlabel("words per story (bins of 10)")

@@ -364,7 +364,9 @@ def test_data_report_matches_a_naive_exact_computation(tmp_path):
     records = [json.loads(line) for line in open(SAMPLE)]
     copy = dict(records[5], id="copy")  # an exact duplicate, and a near one: a word changed
     near = dict(records[9], id="near", story=records[9]["story"].replace(" the ", " a ", 1))
-    records += [copy, near]
+    long = dict(records[12], id="long", story="\n\n".join(  # 6,000 words in 300 paragraphs: longer than most stories
+        " ".join(f"word{(17 * p + i) % 97}" for i in range(20)) + "." for p in range(300)))
+    records += [copy, near, long]
     data = tmp_path / "stories.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in records))
     tiny_text = tmp_path / "tiny.txt"
@@ -388,8 +390,11 @@ def test_data_report_matches_a_naive_exact_computation(tmp_path):
     assert first["duplicates"]["exact"] == naive["exact"] == 1
     assert first["duplicates"]["near"] == naive["near"] >= 4 and first["duplicates"]["near_sample"] == len(records)
     assert first["words"]["mean"] == pytest.approx(np.mean(naive["words"]))
-    assert first["words"]["median"] == int(np.percentile(naive["words"], 50, method="inverted_cdf"))
+    for q, key in ((5, "p5"), (50, "median"), (95, "p95")):
+        assert first["words"][key] == int(np.percentile(naive["words"], q, method="inverted_cdf"))
+        assert first["paragraphs"][key] == int(np.percentile(naive["paragraphs"], q, method="inverted_cdf"))
     assert first["paragraphs"]["mean"] == pytest.approx(np.mean(naive["paragraphs"]))
+    assert max(naive["words"]) == 6000 and max(naive["paragraphs"]) == 300
     for label in LABELS:
         counts = Counter(r[label] for r in records)
         assert first["labels"][label]["counts"] == {str(k): v for k, v in counts.items()}
