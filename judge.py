@@ -38,6 +38,7 @@ import asyncio
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import sys
@@ -112,7 +113,7 @@ def parse_grade(text):
     scores = {}
     for m in METRICS:
         value = grade[m]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value != int(value):
             raise NotAGrade("not_a_whole_number", f"{m} is {value!r}")
         if not 0 <= value <= 100:
             raise NotAGrade("out_of_range", f"{m} is {value!r}, not between 0 and 100")

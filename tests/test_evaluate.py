@@ -193,6 +193,9 @@ def test_parse_grade_takes_grades_and_names_what_is_not_one():
                          (json.dumps({**scores, "quality": 65.5}), "not_a_whole_number"),
                          (json.dumps({**scores, "quality": "65"}), "not_a_whole_number"),
                          (json.dumps({**scores, "quality": True}), "not_a_whole_number"),
+                         (json.dumps({**scores, "quality": float("nan")}), "not_a_whole_number"),  # JSON's NaN
+                         (json.dumps({**scores, "quality": float("inf")}), "not_a_whole_number"),
+                         (json.dumps(scores).replace("65", "1e999"), "not_a_whole_number"),
                          (json.dumps({k: v for k, v in scores.items() if k != "coherence"}), "missing_score"),
                          ("[70, 61, 90, 65]", "not_json")):
         with pytest.raises(judge.NotAGrade) as e:
