@@ -53,6 +53,7 @@ AXES = {"theme": "themes", "topic": "topics", "style": "styles", "feature": "fea
         "persona": "personas", "initial_word_type": "initial_word_types", "initial_letter": "initial_letters",
         "num_paragraphs": "num_paragraphs"}
 N_NAMES = 3  # character names offered in each prompt
+OPTIONAL = ("grammar", "persona")  # the axes a prompt may leave out (their label is then "")
 
 
 
@@ -70,9 +71,16 @@ def load_axes(path):
     if not isinstance(raw, dict):
         die(f"{path} holds a JSON {type(raw).__name__}, not an object of axes at the top level;"
                  f" copy the layout of the repo's axes.json")
+    unknown = [k for k in raw if k not in (*AXES.values(), "optional", "names") and not k.startswith("_")]
+    if unknown:  # a new axis needs code here: the prompt text, the record, prepare.py's labels
+        die(f"{path} has keys that are not axes: {', '.join(map(repr, unknown))} (the axes are "
+            f"{', '.join(AXES.values())}; a key starting with _ is a note)")
     optional = raw.get("optional", {})  # label: probability that the axis is present
     if not isinstance(optional, dict):
         die(f"'optional' in {path} must be an object of label: probability, e.g. {{\"grammar\": 0.5}}")
+    if set(optional) - set(OPTIONAL):
+        die(f"'optional' in {path} names {', '.join(map(repr, sorted(set(optional) - set(OPTIONAL))))}: only "
+            f"{' and '.join(OPTIONAL)} may be left out of a prompt")
 
     def number(x):
         return isinstance(x, (int, float)) and not isinstance(x, bool)

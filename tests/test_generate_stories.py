@@ -189,6 +189,9 @@ def test_paragraph_counts_may_be_weighted_and_must_be_whole_numbers(tmp_path, ca
     ({"themes": ["Friendship", 3]}, r"'themes' in .* must be non-empty strings, got 3"),
     ({"initial_word_types": {"noun": 1, "": 1}}, r"'initial_word_types' in .* must be non-empty strings, got ''"),
     ({"names": ["Mia", ["Leo"]]}, r"has no list 'names' of character names \(non-empty strings\)"),
+    ({"settings": ["a castle"]}, r"has keys that are not axes: 'settings' \(the axes are themes, topics"),
+    ({"optional": {"personas": 0.5}}, r"'optional' in .* names 'personas': only grammar and persona may be left out"),
+    ({"optional": {"theme": 0.5}}, r"'optional' in .* names 'theme': only grammar and persona may be left out"),
 ])
 def test_bad_axes_file_ends_in_one_clear_line_naming_the_file_and_key(tmp_path, changes, message):
     if changes is None:  # a list at the top level
