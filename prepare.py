@@ -305,6 +305,9 @@ def story_ranges(data_dir, split="val", **labels):
         column = table[key]
         value_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
         try:
+            if pa.types.is_integer(value_type) and not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                                           for v in wanted):
+                raise TypeError("not whole numbers")  # pyarrow would cut 2.5 down to 2
             values = pa.array(list(wanted), type=value_type)
         except (pa.ArrowException, TypeError, ValueError):
             raise ValueError(f"label {key} holds {value_type} values, not {list(wanted)!r}") from None

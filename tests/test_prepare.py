@@ -91,8 +91,11 @@ def test_story_ranges_match_retokenizing_the_stories(workdir, tmp_path):
     assert len(prepare.story_ranges(str(tmp_path), "val", theme="no such theme")) == 0
     with pytest.raises(ValueError, match="no label 'colour'"):
         prepare.story_ranges(str(tmp_path), "val", colour="red")
-    with pytest.raises(ValueError, match="label num_paragraphs holds int32 values"):
-        prepare.story_ranges(str(tmp_path), "val", num_paragraphs="three")
+    for bad in ("three", 2.5, [3, 2.5], True):  # pyarrow alone would read 2.5 as 2 and True as 1
+        with pytest.raises(ValueError, match="label num_paragraphs holds int32 values"):
+            prepare.story_ranges(str(tmp_path), "val", num_paragraphs=bad)
+    assert prepare.story_ranges(str(tmp_path), "val", num_paragraphs=np.int64(3)).tolist() == \
+        naive(lambda r: r["num_paragraphs"] == 3)
 
 
 def test_stories_without_labels_and_labels_of_the_wrong_type(workdir, tmp_workdir):
