@@ -128,6 +128,8 @@ def parse_args(argv=None):
         die(f"--min_words={args.min_words} is more than --max_words={args.max_words}: every story would be dropped")
     if not 0 <= args.min_yield <= 1:
         die(f"--min_yield={args.min_yield} must be between 0 and 1")
+    if args.top_p > 1:  # a probability mass; OpenAI also caps temperature at 2, other servers do not
+        die(f"--top_p={args.top_p} must be between 0 and 1")
     if args.requests_per_batch < 0:
         die(f"--requests_per_batch={args.requests_per_batch} must be 0 (the most) or more")
     # this shard's part of the job

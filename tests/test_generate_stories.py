@@ -660,6 +660,7 @@ def test_help_shows_the_usage():
     (["--price_out=inf"], r"--price_out=inf must be a finite number, 0 or more"),
     (["--min_words=50", "--max_words=40"], "--min_words=50 is more than --max_words=40: every story would be dropped"),
     (["--n_examples=-1", "--dry_run"], "--n_examples=-1 must not be negative"),
+    (["--top_p=1.5"], r"--top_p=1.5 must be between 0 and 1"),
     (["--max_tokens=4096.0"], r"argument --max_tokens: invalid int value: '4096.0'; `python generate_stories.py"
                               r" --help` lists the flags"),
     (["--n_stories=abc"], "argument --n_stories: invalid int value: 'abc'"),
