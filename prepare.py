@@ -79,6 +79,7 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
     counts = {s: {"stories": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     labelled = set()  # the labels some story has
     unigram = np.zeros(tok.vocab_size, dtype=np.int64)  # token frequencies in train, for the unigram baseline
+    made_out_dir = not os.path.isdir(out_dir)
     try:
         try:
             os.makedirs(out_dir, exist_ok=True)
@@ -155,6 +156,8 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
         for name, f in files.items():
             f.close()
             os.remove(paths[name] + ".tmp")
+        if made_out_dir and os.path.isdir(out_dir) and not os.listdir(out_dir):
+            os.rmdir(out_dir)
         raise
     p = unigram[unigram > 0] / unigram.sum()
     meta = {

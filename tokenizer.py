@@ -128,8 +128,9 @@ def story_labels(values, where):
         if value is None:
             continue
         wanted = int if key == "num_paragraphs" else str
-        if type(value) is not wanted or (wanted is str and not is_text(value)):
-            raise ValueError(f"{where}: label {key} is {value!r}, not {'a whole number' if wanted is int else 'text'}")
+        if type(value) is not wanted or not (is_text(value) if wanted is str else 0 <= value < 2**31):  # int32 column
+            raise ValueError(f"{where}: label {key} is {value!r}, not "
+                             f"{'a whole number from 0 to 2**31 - 1' if wanted is int else 'text'}")
         labels[key] = value
     return labels
 

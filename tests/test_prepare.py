@@ -109,6 +109,9 @@ def test_stories_without_labels_and_labels_of_the_wrong_type(workdir, tmp_workdi
     bad.write_bytes(b"".join(good_lines()) + b'{"story": "A fox.", "num_paragraphs": "three"}\n')
     result = run("prepare.py", f"--input={bad}", "--tokenizer=tokenizers/sample.model", cwd=tmp_workdir)
     assert "line 41: label num_paragraphs is 'three', not a whole number" in one_error_line(result)
+    bad.write_bytes(b"".join(good_lines()) + b'{"story": "A fox.", "num_paragraphs": 10000000000}\n')  # past int32
+    result = run("prepare.py", f"--input={bad}", "--tokenizer=tokenizers/sample.model", cwd=tmp_workdir)
+    assert "line 41: label num_paragraphs is 10000000000, not a whole number from 0 to" in one_error_line(result)
 
 
 def test_split_is_stable_as_the_corpus_grows():
@@ -155,6 +158,10 @@ def test_missing_input_and_tokenizer(tmp_workdir):
     assert "does not exist" in one_error_line(result)
     result = run("prepare.py", "--input=data/sample/stories.jsonl", "--tokenizer=tokenizers/none.model", cwd=tmp_workdir)
     assert "tokenizer.py" in one_error_line(result)
+    (tmp_workdir / "empty.jsonl").write_text("\n")
+    result = run("prepare.py", "--input=empty.jsonl", "--tokenizer=tokenizers/sample.model", "--out_dir=data/empty",
+                 cwd=tmp_workdir)
+    assert "no stories went to train" in one_error_line(result) and not (tmp_workdir / "data" / "empty").exists()
 
 
 def test_val_input_makes_val_whole(workdir, tmp_path):
