@@ -3,9 +3,9 @@
     python prepare.py --input=data/sample/stories.jsonl --tokenizer=tokenizers/sample.model
     python prepare.py --input=hf:SimpleStories/SimpleStories --tokenizer=tokenizers/simplestories.model
     python prepare.py --input='data/simplestories/data/train-*.parquet' --val_input='data/simplestories/data/test-*.parquet' \\
-        --tokenizer=tokenizers/simplestories.model --out_dir=data/simplestories
+        --tokenizer=tokenizers/simplestories.model --data_dir=data/simplestories
 
-Writes to --out_dir (default: the input's folder, or data/<name> for a hub dataset):
+Writes to --data_dir (default: the input's folder, or data/<name> for a hub dataset):
     train.bin, val.bin   every story as BOS story EOS, concatenated; little-endian uint16 token ids
     train.idx, val.idx   token offset of each story's BOS; little-endian uint64
     train.stories.parquet, val.stories.parquet
@@ -68,27 +68,27 @@ def hub_val_input(input_spec):
     return next((f"{HUB}{repo_id}:{s}" for s in VAL_SPLITS if s in splits), None)
 
 
-def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_stories=4096, val_input=None):
-    """Tokenize the stories into out_dir; returns meta. With val_input, its stories make val.bin and
+def prepare(input_spec, tokenizer_file, data_dir, val_fraction=0.05, chunk_stories=4096, val_input=None):
+    """Tokenize the stories into data_dir; returns meta. With val_input, its stories make val.bin and
     input_spec's make train.bin; without, each story's split comes from the hash of its id."""
     tok = Tokenizer(tokenizer_file)
     if tok.vocab_size >= 65536:
         raise ValueError(f"{tokenizer_file} has {tok.vocab_size} pieces, too many for uint16 token files; train a tokenizer with --vocab_size below 65536")
-    paths = {f"{s}.{ext}": os.path.join(out_dir, f"{s}.{ext}") for s in SPLITS for ext in ("bin", "idx", "stories.parquet")}
+    paths = {f"{s}.{ext}": os.path.join(data_dir, f"{s}.{ext}") for s in SPLITS for ext in ("bin", "idx", "stories.parquet")}
     files, index = {}, {}  # open files, and the parquet writer of each split's story index
     counts = {s: {"stories": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
     labelled = set()  # the labels some story has
     unigram = np.zeros(tok.vocab_size, dtype=np.int64)  # token frequencies in train, for the unigram baseline
-    made_out_dir = not os.path.isdir(out_dir)
+    made_data_dir = not os.path.isdir(data_dir)
     try:
         try:
-            os.makedirs(out_dir, exist_ok=True)
+            os.makedirs(data_dir, exist_ok=True)
             for name, path in paths.items():
                 files[name] = open(path + ".tmp", "wb")
             for s in SPLITS:
                 index[s] = pq.ParquetWriter(files[f"{s}.stories.parquet"], INDEX_SCHEMA)
         except OSError as e:
-            raise ValueError(f"cannot write to --out_dir={out_dir}: {e.strerror}") from None
+            raise ValueError(f"cannot write to --data_dir={data_dir}: {e.strerror}") from None
         bar = tqdm(unit=" stories", desc="tokenizing", dynamic_ncols=True)
         start = time.time()
 
@@ -156,8 +156,8 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
         for name, f in files.items():
             f.close()
             os.remove(paths[name] + ".tmp")
-        if made_out_dir and os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
+        if made_data_dir and os.path.isdir(data_dir) and not os.listdir(data_dir):
+            os.rmdir(data_dir)
         raise
     p = unigram[unigram > 0] / unigram.sum()
     meta = {
@@ -173,7 +173,7 @@ def prepare(input_spec, tokenizer_file, out_dir, val_fraction=0.05, chunk_storie
         "stories_index": "{split}.stories.parquet: offset, length, id and labels of each story in bin order; "
                          "prepare.story_ranges(data_dir, split, label=value, ...) gives token ranges",
     }
-    meta_path = os.path.join(out_dir, "meta.json")
+    meta_path = os.path.join(data_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # bins and an old meta.json never stand together
     for path in paths.values():
@@ -326,7 +326,7 @@ def main():
                         help="stories: .jsonl, .parquet or .txt file, folder or glob, or hf:OWNER/NAME on the hub")
     parser.add_argument("--val_input", default="", help="stories that make val.bin whole (then --input makes train.bin)")
     parser.add_argument("--tokenizer", default="tokenizers/sample.model", help="sentencepiece model from tokenizer.py, or a Hugging Face tokenizer.json")
-    parser.add_argument("--out_dir", default="", help="where the bins go (default: the input's folder, data/<name> for hf:)")
+    parser.add_argument("--data_dir", default="", help="where the bins go (default: the input's folder, data/<name> for hf:)")
     parser.add_argument("--val_fraction", type=float, default=0.05, help="share of stories that go to val.bin")
     parser.add_argument("--chunk_stories", type=int, default=4096, help="stories encoded and written at a time")
     args = parser.parse_args()
@@ -336,15 +336,15 @@ def main():
         die(f"--chunk_stories={args.chunk_stories} must be at least 1")
     Tokenizer(args.tokenizer)  # a bad --tokenizer is reported before any download
     val_input = args.val_input or hub_val_input(args.input)
-    if args.out_dir:
-        out_dir = args.out_dir
+    if args.data_dir:
+        data_dir = args.data_dir
     elif args.input.startswith(HUB):
-        out_dir = os.path.join("data", input_name(args.input))
+        data_dir = os.path.join("data", input_name(args.input))
     else:
-        out_dir = os.path.dirname(os.path.abspath(input_files(args.input)[0]))
-    meta = prepare(args.input, args.tokenizer, out_dir, args.val_fraction, args.chunk_stories, val_input)
+        data_dir = os.path.dirname(os.path.abspath(input_files(args.input)[0]))
+    meta = prepare(args.input, args.tokenizer, data_dir, args.val_fraction, args.chunk_stories, val_input)
     for s in SPLITS:
-        print(f"{os.path.join(out_dir, s + '.bin')}: {meta[s]['stories']:,} stories, {meta[s]['tokens']:,} tokens")
+        print(f"{os.path.join(data_dir, s + '.bin')}: {meta[s]['stories']:,} stories, {meta[s]['tokens']:,} tokens")
     print(f"unigram entropy of train.bin: {meta['unigram_entropy']:.3f} nats per token (the loss of a model that ignores context)")
 
 

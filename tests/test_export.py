@@ -207,7 +207,7 @@ def test_published_layout_runs_through_sample_and_evaluate(tmp_path):
     assert result.returncode == 0 and result.stdout.count("-" * 40) == 2, result.stderr
     # bins made with the folder's tokenizer.json, then the loss by story and label on them
     result = run("prepare.py", f"--input={SAMPLE}", f"--tokenizer={tmp_path / 'published' / 'tokenizer.json'}",
-                 "--out_dir=data/published", cwd=tmp_path)
+                 "--data_dir=data/published", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "give --dataset=NAME" in one_error_line(run("evaluate.py", f"--hf_dir={tmp_path / 'published'}", cwd=tmp_path))
     result = run("evaluate.py", f"--hf_dir={tmp_path / 'published'}", "--dataset=published", "--batch_size=32", cwd=tmp_path)

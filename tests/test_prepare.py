@@ -18,10 +18,10 @@ from conftest import SAMPLE, one_error_line, run
 from tokenizer import LABELS, Tokenizer, read_stories
 
 
-def decoded_stories(out_dir, split, tok):
+def decoded_stories(data_dir, split, tok):
     """Stories of one split, cut from the bin by its index, each checked to be framed BOS ... EOS."""
-    tokens = np.fromfile(os.path.join(out_dir, f"{split}.bin"), dtype="<u2")
-    starts = np.fromfile(os.path.join(out_dir, f"{split}.idx"), dtype="<u8").tolist() + [len(tokens)]
+    tokens = np.fromfile(os.path.join(data_dir, f"{split}.bin"), dtype="<u2")
+    starts = np.fromfile(os.path.join(data_dir, f"{split}.idx"), dtype="<u8").tolist() + [len(tokens)]
     stories = []
     for a, b in zip(starts, starts[1:]):
         ids = tokens[a:b].tolist()
@@ -147,7 +147,7 @@ def test_bad_input_leaves_the_old_output_intact(tmp_workdir, bad_line, message):
     before = {f: (out / f).read_bytes() for f in os.listdir(out)}
     bad = out / "bad.jsonl"
     bad.write_bytes(b"".join(good_lines()) + bad_line + b"".join(good_lines()))
-    result = run("prepare.py", f"--input={bad}", "--tokenizer=tokenizers/sample.model", f"--out_dir={out}", cwd=tmp_workdir)
+    result = run("prepare.py", f"--input={bad}", "--tokenizer=tokenizers/sample.model", f"--data_dir={out}", cwd=tmp_workdir)
     assert message in one_error_line(result)
     bad.unlink()
     assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before  # nothing new, nothing half-written
@@ -159,7 +159,7 @@ def test_missing_input_and_tokenizer(tmp_workdir):
     result = run("prepare.py", "--input=data/sample/stories.jsonl", "--tokenizer=tokenizers/none.model", cwd=tmp_workdir)
     assert "tokenizer.py" in one_error_line(result)
     (tmp_workdir / "empty.jsonl").write_text("\n")
-    result = run("prepare.py", "--input=empty.jsonl", "--tokenizer=tokenizers/sample.model", "--out_dir=data/empty",
+    result = run("prepare.py", "--input=empty.jsonl", "--tokenizer=tokenizers/sample.model", "--data_dir=data/empty",
                  cwd=tmp_workdir)
     assert "no stories went to train" in one_error_line(result) and not (tmp_workdir / "data" / "empty").exists()
 
@@ -214,12 +214,12 @@ def test_hub_dataset_keeps_its_own_test_split(tmp_path):
     assert "has no split 'validation' (it has test, train)" in line
 
 
-def test_not_a_tokenizer_and_an_out_dir_that_cannot_be_made(tmp_workdir):
+def test_not_a_tokenizer_and_a_data_dir_that_cannot_be_made(tmp_workdir):
     (tmp_workdir / "notes.md").write_text("# not a model\n")
     result = run("prepare.py", "--tokenizer=notes.md", cwd=tmp_workdir)
     assert "notes.md is not a sentencepiece model" in one_error_line(result)
-    result = run("prepare.py", "--tokenizer=tokenizers/sample.model", "--out_dir=notes.md/bins", cwd=tmp_workdir)
-    assert "cannot write to --out_dir=notes.md/bins" in one_error_line(result)
+    result = run("prepare.py", "--tokenizer=tokenizers/sample.model", "--data_dir=notes.md/bins", cwd=tmp_workdir)
+    assert "cannot write to --data_dir=notes.md/bins" in one_error_line(result)
 
 
 @pytest.mark.parametrize("script", ["prepare.py", "tokenizer.py"])
@@ -231,7 +231,7 @@ def test_ctrl_c_ends_in_one_line(workdir, tmp_path, monkeypatch, script):
     monkeypatch.setattr(tokenizer, "Tokenizer", interrupted)
     monkeypatch.setattr(sentencepiece.SentencePieceTrainer, "train", interrupted)
     monkeypatch.setattr(sys, "argv", [script, f"--input={SAMPLE}", f"--tokenizer={workdir}/tokenizers/sample.model",
-                                      f"--out_dir={tmp_path}"] if script == "prepare.py" else
+                                      f"--data_dir={tmp_path}"] if script == "prepare.py" else
                         [script, f"--input={SAMPLE}", "--name=t"])
     monkeypatch.chdir(tmp_path)  # tokenizer.py writes tokenizers/t.model
     with pytest.raises(SystemExit, match="^error: interrupted: run the same command again"):

@@ -422,7 +422,7 @@ def test_resume_refuses_bins_or_tokenizer_made_since(tmp_workdir):
     (tmp_workdir / "data" / "other" / "stories.jsonl").write_text(open(SAMPLE).read() + extra)
     for script, args in (("tokenizer.py", ["--input=data/other/stories.jsonl", "--name=sample"]),
                          ("prepare.py", ["--input=data/other/stories.jsonl", "--tokenizer=tokenizers/sample.model",
-                                         "--out_dir=data/sample"])):
+                                         "--data_dir=data/sample"])):
         assert run(script, *args, cwd=tmp_workdir).returncode == 0
     line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/pinned", "--max_iters=4", cwd=tmp_workdir))
     assert "data/sample was prepared again" in line and "tokenizer sha256" in line and "train tokens" in line
