@@ -196,11 +196,10 @@ def sample_completions(model, tok, device, prompts, args, skip=(), enough=None):
         with autocast_for(device):
             rows = model.generate(idx, min(args.max_new_tokens, n_ctx - idx.size(1)), args.temperature, args.top_k,
                                   1.0, tok.eos_id, generator).tolist()
-        for i, (_, prompt), row in zip(ids, (prompts[j] for j in batch), rows):
+        for i, row in zip(ids, rows):
             new = row[idx.size(1):]
             new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
-            story = tok.decode(row[:idx.size(1)] + new)
-            out[i] = story[len(prompt):] if story.startswith(prompt) else tok.decode(new)
+            out[i] = tok.continuation(row[:idx.size(1)], new)
         bar.update(len(batch))
     bar.close()
     return out

@@ -153,7 +153,7 @@ def main():
         for row in out.tolist():
             new = row[idx.size(1):]
             new = new[:new.index(tok.eos_id)] if tok.eos_id in new else new
-            print(prompt + tok.decode(new))
+            print(prompt + tok.continuation(row[:idx.size(1)], new))
             print("-" * 40)
 
 

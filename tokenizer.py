@@ -290,6 +290,13 @@ class Tokenizer:
         ids = [i for i in ids if i not in (self.bos_id, self.eos_id)]
         return self.fast.decode(ids, skip_special_tokens=True) if self.fast is not None else self.sp.decode(ids)
 
+    def continuation(self, prompt_ids, new_ids):
+        """The text new_ids add after prompt_ids. Decoded together, less the prompt's own text: WordPiece decodes a
+        piece by the one before it (the space before a word, a '##' piece joined to its word), so new_ids decoded
+        alone would glue the first word to the prompt or show its '##'."""
+        before, whole = self.decode(prompt_ids), self.decode(list(prompt_ids) + list(new_ids))
+        return whole[len(before):] if whole.startswith(before) else self.decode(new_ids)
+
     def token_bytes(self):
         """Number of UTF-8 bytes each token id stands for (0 for BOS, EOS and unknown): the denominator of bits
         per byte. Exact for our tokenizers; for a WordPiece one, which drops spaces and case, an estimate:

@@ -205,6 +205,12 @@ def test_published_layout_runs_through_sample_and_evaluate(tmp_path):
     result = run("sample.py", f"--hf_dir={tmp_path / 'published'}", "--prompt=The cat", "--max_new_tokens=20",
                  "--num_samples=2", cwd=tmp_path)
     assert result.returncode == 0 and result.stdout.count("-" * 40) == 2, result.stderr
+    # WordPiece decodes a piece by the one before it: the new text goes on from the prompt's, a space before a word,
+    # a '##' piece joined to the word it ends
+    ids = tok.encode("the curious cat sat on the mat.")
+    for cut in range(1, len(ids)):
+        assert tok.decode(ids[:cut]) + tok.continuation(ids[:cut], ids[cut:]) == "the curious cat sat on the mat."
+    assert result.stdout.startswith("The cat") and "##" not in result.stdout
     # bins made with the folder's tokenizer.json, then the loss by story and label on them
     result = run("prepare.py", f"--input={SAMPLE}", f"--tokenizer={tmp_path / 'published' / 'tokenizer.json'}",
                  "--data_dir=data/published", cwd=tmp_path)
