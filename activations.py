@@ -89,14 +89,14 @@ def parse_sites(text, n_layers=None):
     sites = []
     for item in items:
         kind, dot, layer = item.partition(".")
-        if kind not in SITES or (dot and not layer.isdigit()):
+        if kind not in SITES or (dot and not (layer.isascii() and layer.isdigit())):
             raise ValueError(f"unknown site {item!r}; a site is KIND.LAYER or KIND alone (every layer), KIND one of "
                              f"{', '.join(SITES)}, e.g. --sites=resid_post.3,mlp_out.2")
         if n_layers is None:
             continue
         if dot and int(layer) >= n_layers:
             raise ValueError(f"site {item}: the model has layers 0 to {n_layers - 1}; give a layer in that range")
-        sites += [f"{kind}.{layer}"] if dot else [f"{kind}.{L}" for L in range(n_layers)]
+        sites += [f"{kind}.{int(layer)}"] if dot else [f"{kind}.{L}" for L in range(n_layers)]  # 03 is 3
     return list(dict.fromkeys(sites))
 
 

@@ -193,6 +193,8 @@ def test_bad_inputs_end_in_one_line(trained, tmp_workdir, monkeypatch):
     line = error_of([*base, "--sites=residual.1"])
     assert "unknown site 'residual.1'" in line and all(kind in line for kind in KINDS)
     assert "unknown site 'attn_z.x'" in error_of([*base, "--sites=attn_z.x"])
+    assert "unknown site 'attn_z.\u00b2'" in error_of([*base, "--sites=attn_z.\u00b2"])  # '²'.isdigit() is True
+    assert activations.parse_sites("resid_post.01,resid_post.1, mlp_out.0", n_layers=2) == ["resid_post.1", "mlp_out.0"]
     assert "--sites is empty" in error_of(base)
     assert "--n_tokens=0 must be at least 1" in error_of([*base, "--sites=resid_post.0", "--n_tokens=0"])
     assert "--shard_tokens=0 must be at least 1" in error_of([*base, "--sites=resid_post.0", "--shard_tokens=0"])
