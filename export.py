@@ -22,7 +22,9 @@ The folder loads with transformers (AutoModelForCausalLM, AutoTokenizer), Transf
     tokenizer.model          our sentencepiece model itself: an import gets the very file its bins were made with
 
 A model without norms (norm='none', remove_norms.py) is exported as published norm-free models are: RMSNorms of
-epsilon 1e12, each fixed scale folded into its weight; an import reads such a folder back as norm='none'.
+epsilon 1e12, each fixed scale folded into its weight (weights of about 1e6, past float16's range: load it in
+float32 or bfloat16); an import reads such a folder back as norm='none', each norm of scale 1 with rsqrt(eps)
+folded back into its weight.
 An import takes any Llama-shaped folder of our family: SwiGLU, RMSNorm, RoPE without scaling, no biases,
 input and output embedding tied (or untied but equal, as in published checkpoints); anything else is
 refused in one line that names what differs. The published SimpleStories models carry a WordPiece
@@ -251,9 +253,10 @@ def read_llama(hf_dir):
     if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state.get("model.embed_tokens.weight")):
         raise ValueError(f"{hf_dir} is not a model of our family: its input and output embeddings differ (our GPT ties them)")
     ours = our_state_dict({k: v.float() for k, v in state.items()})
-    if model_config.norm == "none":  # each norm x * w * rsqrt(eps): a FixedNorm of weight w and scale 1 / rsqrt(eps)
-        for key in [k for k in ours if k.endswith("norm.weight")]:
-            ours[key[:-len("weight")] + "scale"] = torch.tensor(1 / eps_factor(model_config.norm_eps))
+    if model_config.norm == "none":  # each norm x * w * rsqrt(eps): a FixedNorm of weight w * rsqrt(eps), scale 1,
+        for key in [k for k in ours if k.endswith("norm.weight")]:  # so the weights are on a scale training can move
+            ours[key] = ours[key] * eps_factor(model_config.norm_eps)
+            ours[key[:-len("weight")] + "scale"] = torch.tensor(1.0)
     expected = GPT(model_config).to("meta").state_dict()
     extra, missing = set(ours) - set(expected), set(expected) - set(ours)
     if extra or missing:

@@ -129,6 +129,12 @@ def test_norm_free_model_exports_to_transformers_with_the_same_logits(workdir, t
         back, _ = export.load_hf(str(tmp_path / "hf"), "cpu")  # the import reads it back as norm='none'
         assert back.config.norm == "none"
         assert (ours - back(idx)[0]).abs().max() < 1e-4
+    # each scale comes back folded into its weight (scale 1), a weight of the size AdamW's steps move: the
+    # exported weight w / (scale * 1e-6) would come back as weights of about 1e6, which fine-tuning cannot move
+    for norm, imported in zip((m for m in model.modules() if isinstance(m, FixedNorm)),
+                              (m for m in back.modules() if isinstance(m, FixedNorm))):
+        assert imported.scale.item() == 1.0
+        assert torch.allclose(imported.weight, norm.weight / norm.scale, rtol=1e-6)
 
 
 def test_train_py_trains_without_norms(workdir):
