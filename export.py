@@ -202,9 +202,9 @@ def read_llama(hf_dir):
         with open(path) as f:
             config = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {path} ({e}); give --hf_dir a Hugging Face model folder") from None
+        raise ValueError(f"cannot read {path} ({e}); {hf_dir} is not a Hugging Face model folder") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path} is not a JSON object; give --hf_dir a Hugging Face model folder")
+        raise ValueError(f"{path} is not a JSON object; {hf_dir} is not a Hugging Face model folder")
     # the shape, in positive whole numbers (a bool is not one); without num_key_value_heads, no grouped heads
     required = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings",
                 "vocab_size")
