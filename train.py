@@ -410,10 +410,13 @@ def save_snapshot(step, val_loss):
 def lr_scale(step):
     """The share of its peak learning rate each parameter group uses at step: linear warmup from 0 over warmup_iters,
     then, to lr_decay_iters (0: max_iters), a cosine from 1 down to min_lr_ratio, or (wsd) 1 until the last
-    decay_fraction of those steps and a straight line down to min_lr_ratio over them."""
+    decay_fraction of those steps and a straight line down to min_lr_ratio over them; min_lr_ratio from there on,
+    also after a warmup that ends past lr_decay_iters."""
     decay_iters = lr_decay_iters or max_iters
     if step < warmup_iters:
         return (step + 1) / warmup_iters
+    if step >= decay_iters:
+        return min_lr_ratio
     if lr_schedule == "wsd":
         decay_start = decay_iters * (1 - decay_fraction)
         progress = min(1.0, max(0.0, (step - decay_start) / max(1, decay_iters - decay_start)))
@@ -548,9 +551,12 @@ while True:
                     print(f"sample: {sample_story()!r}", flush=True)
             saved_step = iter_num  # on every rank: each names it if the run stops
             t_last, timed_steps, wait_s = time.time(), 0, 0.0  # evaluation time is not training time
-    if master and iter_num in keep and (iter_num > start_iter or not os.path.exists(snapshot_path(out_dir, iter_num))):
+    if iter_num in keep and (iter_num > start_iter or not os.path.exists(snapshot_path(out_dir, iter_num))):
         t0 = time.time()
-        save_snapshot(iter_num, val_loss)
+        if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # every rank: DDP keeps them equal
+            stop_if_diverged("a weight of the model", float("nan"))  # the loss is checked only every log_interval
+        if master:
+            save_snapshot(iter_num, val_loss)
         t_last += time.time() - t0  # writing is not training time
     if iter_num >= max_iters:
         break

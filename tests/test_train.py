@@ -131,6 +131,29 @@ def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(workdir):
                             cwd=workdir, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and "training diverged (out/diverged_ddp/ckpt.pt keeps step 0)" in result.stderr
     assert "no checkpoint was written" not in result.stderr  # torchrun may stop one rank before it prints
+    from safetensors.torch import load_file
+
+    # snapshots of the model over training stop with it: none of weights that are not numbers, though the loss is
+    # checked at log lines only (every 10 steps here) and snapshots come at steps 0, 1, 2, 4, 8
+    result = run("train.py", *TINY, "--out_dir=out/diverged_kept", "--max_iters=30", "--eval_interval=10",
+                 "--log_interval=10", "--learning_rate=1e4", "--warmup_iters=0", "--grad_clip=0", "--keep_checkpoints=log",
+                 cwd=workdir)
+    assert "training diverged" in one_error_line(result)
+    snapshots = sorted(os.listdir(workdir / "out" / "diverged_kept" / "checkpoints"))
+    assert snapshots and all(torch.isfinite(w).all() for name in snapshots for w in
+                             load_file(workdir / "out" / "diverged_kept" / "checkpoints" / name).values())
+
+
+def test_the_schedule_follows_its_formula_and_stays_at_the_floor_past_lr_decay_iters(workdir):
+    def lrs(*args):
+        train(workdir, "--max_iters=12", "--eval_interval=12", "--log_interval=1", "--out_dir=out/schedule",
+               "--overwrite=True", *args)
+        return [json.loads(line)["lr"] for line in open(workdir / "out" / "schedule" / "log.jsonl") if '"lr"' in line]
+
+    cosine = [(s + 1) / 5 if s < 5 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1, (s - 5) / 4))) for s in range(12)]
+    assert lrs("--lr_decay_iters=9") == pytest.approx([3e-3 * f for f in cosine])
+    # a warmup that ends past lr_decay_iters goes to the floor, not back up to the peak
+    assert lrs("--lr_decay_iters=3") == pytest.approx([3e-3 * f for f in [0.2, 0.4, 0.6, 0.8, 1.0] + [0.1] * 7])
 
 
 def test_an_overwrite_replaces_the_old_run_as_a_whole(workdir, tmp_path):
