@@ -160,7 +160,7 @@ def check(settings, checks):
 
 
 def descriptions(path):
-    """{name: comment} for each `name = value  # comment` line of a script: its settings, described."""
+    """{name: comment} for each `name = value  # comment` line of a script: its settings, described (one line each)."""
     pattern = re.compile(r"^(\w+) = .*?  # (.*)$")
     with open(path, encoding="utf-8") as f:
         return {m.group(1): m.group(2) for m in map(pattern.match, f) if m}

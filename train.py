@@ -101,9 +101,7 @@ wandb_run_name = ""  # Weights & Biases run name; "": out_dir's name
 device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = "auto"  # 'auto' (bfloat16 autocast on a GPU that has it or a CPU with AMX, else float32), 'float32', 'bfloat16'
 compile = True  # torch.compile the model
-compile_mode = "default"  # torch.compile's mode: 'default'; 'reduce-overhead': CUDA graphs, fewer launches for tiny models (one
-# GPU, one micro-step); 'max-autotune-no-cudagraphs': each matmul timed in several kernels, the fastest kept (a longer compile);
-# 'max-autotune': both
+compile_mode = "default"  # torch.compile's mode: 'default'; 'reduce-overhead' (CUDA graphs: one GPU, one micro-step); 'max-autotune-no-cudagraphs' (the fastest of several kernels per matmul, a longer compile); 'max-autotune' (both)
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in configurator.PEAK_FLOPS
 seed = 1337  # seeds the weights, the batches and the samples
 # ----------------------------------------------------------------------------------------------

@@ -421,6 +421,8 @@ def test_no_arguments_and_help(workdir):
     described = {line.split()[0]: line.split()[1:] for line in result.stdout.splitlines() if line.startswith("  --")}
     assert result.returncode == 0 and "--seed=1337" in described and "--n_layers=6" in described, result.stdout
     assert all(described.values())  # each setting says what it does
+    # ... in one line: a description carried on to a comment line below would be cut off mid-sentence
+    assert all(" ".join(words).count("(") == " ".join(words).count(")") for words in described.values())
 
 
 def test_config_files_count_as_much_as_flags_on_resume(workdir, tmp_path):
