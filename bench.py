@@ -552,8 +552,14 @@ if __name__ == "__main__":
             return text  # a word: a string
     sys.stdout.reconfigure(line_buffering=True)  # each line out as it is printed, also into a pipe (| tee) cut off by a time limit
     fn, kwargs = benchmarks[sys.argv[1]], {k: value(v) for k, v in (a.split("=", 1) for a in sys.argv[2:])}
+    params = inspect.signature(fn).parameters
     try:
         inspect.signature(fn).bind(**kwargs)
     except TypeError as e:
-        sys.exit(f"bench.py {sys.argv[1]}: {e}; its arguments are {', '.join(inspect.signature(fn).parameters) or 'none'}")
+        sys.exit(f"bench.py {sys.argv[1]}: {e}; its arguments are {', '.join(params) or 'none'}")
+    for k, v in kwargs.items():  # of its default's type (a whole number where a float goes is fine)
+        default = params[k].default
+        if type(default) in (bool, int, float, str) and not (
+                type(v) is type(default) or (type(default) is float and type(v) is int)):
+            sys.exit(f"bench.py {sys.argv[1]}: {k}={v!r} must be of type {type(default).__name__}, like its default {default!r}")
     fn(**kwargs)

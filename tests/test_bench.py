@@ -91,3 +91,7 @@ def test_an_unknown_argument_is_refused_in_one_line():
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == ("bench.py gpu: got an unexpected keyword argument 'foo'; "
                                      "its arguments are runs, max_iters, timeout, with_sampling")
+    result = subprocess.run([sys.executable, f"{REPO}/bench.py", "kv_cache", "n_tokens=abc"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == \
+        "bench.py kv_cache: n_tokens='abc' must be of type int, like its default 256"
