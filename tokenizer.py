@@ -158,10 +158,11 @@ def read_stories(spec, labels=False):
                         raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); fix or delete that line") from None
                     if not isinstance(record, dict) or not isinstance(record.get("story"), str):
                         raise ValueError(f"{path} line {line_no}: record has no text field 'story'; each line must be a JSON object with a 'story' string")
-                    sid = str(record.get("id") or story_id(record["story"])) if is_text(record["story"]) else ""
-                    if not sid or not is_text(sid):
+                    sid = str(record.get("id") or "")
+                    if not is_text(record["story"]) or not is_text(sid):
                         raise ValueError(f"{path} line {line_no}: its story or id holds a lone surrogate (an escape in "
                                          f"\\ud800-\\udfff without its pair), which is not text; fix or delete that line")
+                    sid = sid or story_id(record["story"])
                     if labels:
                         yield sid, record["story"], story_labels(record, f"{path} line {line_no}")
                     else:
