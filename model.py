@@ -499,6 +499,7 @@ def sample_next(logits, temperature, top_k, top_p, generator=None):
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         # drop a token when the tokens ranked above it already hold top_p of the mass
         drop = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop[:, 0] = False  # the most likely token always stays, so top_p 0 is greedy, not all -inf
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)

@@ -177,6 +177,9 @@ def test_top_k_and_top_p_filter():
     picks = sample_next(logits, 1.0, 0, 0.5, torch.Generator().manual_seed(0))
     assert set(picks.tolist()) == {0}  # token 0 alone holds ~0.66 of the mass
     assert sample_next(logits[:1], 0, 0, 1.0).item() == 0
+    # top_p 0 keeps the most likely token only (it used to drop every token and sample from NaN)
+    flat = torch.tensor([[1.0, 2.0, 3.0, 0.0]]).repeat(100, 1)
+    assert set(sample_next(flat, 1.0, 0, 0.0, torch.Generator().manual_seed(0)).tolist()) == {2}
 
 
 def test_context_limit():
