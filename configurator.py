@@ -245,6 +245,8 @@ def gpu_peak_flops(device, dtype="bfloat16"):
 def folder_problem(path):
     """Why the folder path could not be made or written into, or None; checked before long work, without
     making anything (the folder is made when the first file goes in)."""
+    if not path:
+        return "the name is empty"
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)

@@ -479,6 +479,8 @@ def test_out_dir_that_cannot_be_made(tmp_workdir):
     (tmp_workdir / "blocker").write_text("a file where a folder would go")
     line = one_error_line(run("train.py", *TINY, "--out_dir=blocker/run", cwd=tmp_workdir))
     assert "out_dir=blocker/run cannot be written" in line and "blocker is a file, not a folder" in line
+    line = one_error_line(run("train.py", *TINY, "--out_dir=", cwd=tmp_workdir))
+    assert "out_dir= cannot be written: the name is empty" in line
 
 
 def test_sample_greedy_at_a_tiny_temperature_and_a_prompt_file_without_prompts(workdir, tmp_path):
