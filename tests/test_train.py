@@ -535,6 +535,7 @@ def test_checkpoints_over_training(workdir, tmp_path):
     open(workdir / "out" / "keep_resumed" / "checkpoints" / "step_0000008.safetensors", "wb").write(b"torn")
     result = run("train.py", "--init_from=resume", "--out_dir=out/keep_resumed", "--max_iters=10", cwd=workdir)
     assert result.returncode == 0, result.stderr
+    assert "keep_checkpoints=log: 3 snapshots" in result.stdout  # 5, 8 and 10: step 4's is there already
     resumed = snapshots(workdir, "out/keep_resumed")
     assert list(resumed) == list(kept)
     assert all(torch.equal(resumed[s][k], kept[s][k]) for s in kept for k in kept[s])
