@@ -510,7 +510,7 @@ if master:
         if init_from == "scratch" or step > iter_num:
             os.remove(snapshot_path(out_dir, step))
     if keep:
-        to_write = len([s for s in keep if s > iter_num or not os.path.exists(snapshot_path(out_dir, s))])
+        to_write = len([s for s in keep if s > iter_num or s == iter_num and not os.path.exists(snapshot_path(out_dir, s))])
         size = sum(p.numel() for p in raw_model.parameters()) * 4 + 1024  # float32, and the header
         print(f"keep_checkpoints={keep_checkpoints}: {to_write} snapshots of {size / 1e6:.1f} MB = {to_write * size / 1e6:,.1f} MB "
               f"in {os.path.join(out_dir, 'checkpoints')}")
