@@ -332,6 +332,9 @@ class Tokenizer:
         return hashlib.sha256(self.proto).hexdigest()
 
 
+MAX_PARAGRAPH_BYTES = 1 << 16  # the longest paragraph (UTF-8) the tokenizer trains on: a longer one is left out
+
+
 def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
     """Train a BPE model on the paragraphs of the input stories and write it to model_file."""
 
@@ -339,14 +342,16 @@ def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
     if problem:
         raise ValueError(f"cannot write {model_file}: {problem}")
     bad_input = []  # an error in the input, kept: sentencepiece would wrap it in its own multi-line one
-    n_paragraphs = 0
+    n_paragraphs = n_too_long = 0
 
     def paragraphs():
-        nonlocal n_paragraphs
+        nonlocal n_paragraphs, n_too_long
         try:
             for _, text in read_stories(input_spec):
                 for paragraph in text.split(PARAGRAPH_BREAK):
-                    if paragraph.strip():
+                    if len(paragraph.encode()) > MAX_PARAGRAPH_BYTES:  # sentencepiece's trainer would skip it
+                        n_too_long += 1
+                    elif paragraph.strip():
                         n_paragraphs += 1
                         yield paragraph
         except ValueError as e:
@@ -360,11 +365,14 @@ def train(input_spec, model_file, vocab_size=4096, max_paragraphs=2_000_000):
             normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
             byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, character_coverage=0.9999,
             user_defined_symbols=[PARAGRAPH_BREAK], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            input_sentence_size=max_paragraphs, shuffle_input_sentence=True, max_sentence_length=1 << 16,
+            input_sentence_size=max_paragraphs, shuffle_input_sentence=True, max_sentence_length=MAX_PARAGRAPH_BYTES,
             num_threads=os.cpu_count(), minloglevel=2)
     except RuntimeError as e:
         if bad_input:
             raise bad_input[0] from None
+        if n_paragraphs == 0 and n_too_long:
+            raise ValueError(f"every paragraph of {input_spec} is longer than {MAX_PARAGRAPH_BYTES:,} bytes, the longest "
+                             f"the tokenizer trains on; separate its paragraphs with blank lines") from None
         if n_paragraphs == 0:
             raise ValueError(f"{input_spec} holds no stories to train a tokenizer on") from None
         smallest = re.search(r"smaller than required_chars\. \d+ vs (\d+)", str(e))

@@ -125,6 +125,10 @@ def test_bad_input_is_one_clear_line(tmp_path, bad_line, message):
 def test_empty_input_too_small_a_vocab_and_no_room_for_the_model(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     assert "holds no stories" in one_error_line(run("tokenizer.py", "--input=empty.jsonl", cwd=tmp_path))
+    # sentencepiece skips a paragraph over 64 KB: a corpus of only those has nothing it can train on
+    (tmp_path / "walls.jsonl").write_text(json.dumps({"story": " ".join(["word"] * 20_000)}) + "\n")
+    line = one_error_line(run("tokenizer.py", "--input=walls.jsonl", cwd=tmp_path))
+    assert "every paragraph of walls.jsonl is longer than 65,536 bytes" in line
     line = one_error_line(run("tokenizer.py", f"--input={SAMPLE}", "--vocab_size=10", cwd=tmp_path))
     assert "vocab_size=10 is too small: this input needs at least" in line
     (tmp_path / "tokenizers").write_text("a file where the folder would go")
