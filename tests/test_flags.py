@@ -1,5 +1,5 @@
-"""The scripts that take --key=value flags only: a bad flag ends in one line naming it, and --help lists the flags
-with their defaults under the script's docstring."""
+"""Flags: a bad one ends in one line naming it, --help lists them with their defaults under the script's docstring,
+and every command the docs show passes only flags its script takes."""
 
 import ast
 import os
