@@ -118,8 +118,8 @@ async def with_retries(call, args, progress):
             reason, error = "timeout", f"no answer in {args.timeout:g} s"
         except openai.APIConnectionError as e:
             reason, error = "connection", f"no connection ({e.__cause__ or e})"
-        except ValueError:  # a 200 whose body is not a chat completion
-            reason, error = "bad_answer", "an answer that is not a chat completion"
+        except ValueError:  # a 200 whose body is not JSON (cut short in transfer)
+            reason, error = "bad_answer", "an answer that is not JSON"
         if attempt == args.max_retries:
             raise GaveUp(f"{attempt + 1} {'try' if attempt == 0 else 'tries'} failed, the last with {error}: check that"
                          f" {args.base_url or 'the OpenAI API'} answers, then run the same command again")

@@ -164,9 +164,10 @@ async def run_batch(client, args, axes, names, out, progress):
                     try:
                         progress.add(k, labels, prompt, answers[k])
                         continue
-                    except ValueError as e:  # not a chat completion
+                    except ValueError as e:  # JSON, but not a chat completion: paid for
                         error = str(e)
-                if error:
+                        progress.not_a_completion(error)
+                elif error:
                     progress.failed(error)
                 tries[k] += 1
                 progress.stats["batch requests failed"] += 1

@@ -318,7 +318,7 @@ class Progress:
         self.stats, self.removed, self.fixed = Counter(), Counter(), Counter()
         self.answers, self.usable = 0, 0  # answers in this run, and the stories in them that pass the cleaning
         self.unusable, self.unusable_reasons = 0, Counter()  # answers in a row with no usable story, and why
-        self.error = None  # the last error that a batch answered a request with
+        self.error = None  # the last error a batch answered a request with, or the last answer not a chat completion
         self.give_ups = 0  # prompts in a row that got no answer after all their retries
         self.retries, self.waiting_for = 0, None  # retries in all, and the reason of the last one
         self.price = price_per_token(args)
@@ -355,6 +355,13 @@ class Progress:
         self.error = error
         self.tally(0, {"request_failed": 1})
 
+    def not_a_completion(self, error):
+        """Count an answer that is JSON but not a chat completion (a list of content parts, usage in words):
+        paid for, and no story."""
+        self.stats["not a chat completion"] += 1
+        self.error = error
+        self.tally(0, {"not_a_completion": 1})
+
     def tally(self, n_usable, reasons):
         """Count one answer, and why it gave no usable story, for check_yield."""
         self.answers += 1
@@ -380,9 +387,12 @@ class Progress:
         else:
             return
         main = max(reasons, key=reasons.get, default=None)
-        hint = (f"the batch answers its requests with an error ({self.error}); run the same command again later"
-                if main == "request_failed" else HINTS.get(main, f"the answers hold fewer stories than"
-                                                                 f" --stories_per_prompt={args.stories_per_prompt}"))
+        if main == "request_failed":
+            hint = f"the batch answers its requests with an error ({self.error}); run the same command again later"
+        elif main == "not_a_completion":
+            hint = f"the server's answers are not chat completions ({self.error}); check --base_url and --model"
+        else:
+            hint = HINTS.get(main, f"the answers hold fewer stories than --stories_per_prompt={args.stories_per_prompt}")
         counts = ", ".join(f"{reason} {n:,}" for reason, n in reasons.most_common())
         raise FatalError(f"{what} ({counts or 'stories missing'}): {hint}")
 
@@ -443,18 +453,22 @@ async def run_live(client, args, axes, names, out, progress):
             progress.stats["requests"] += 1
             # the body of a Batch API line, posted as it is: the typed client.chat.completions.create would
             # re-validate each parameter and build a model of the answer, 0.2 ms a request (measured: 15% of
-            # the CPU time here at 500 requests/s); both modes read the answer as plain JSON
-            body = json.loads(await client.post("/chat/completions", body=request_body(args, prompt), cast_to=str))
-            parse_completion(body)  # a malformed answer raises here, inside the retry loop
-            return body
+            # the CPU time here at 500 requests/s); both modes read the answer as plain JSON (an answer cut
+            # short in transfer is not JSON: ValueError, retried)
+            return json.loads(await client.post("/chat/completions", body=request_body(args, prompt), cast_to=str))
 
         try:
             body = await with_retries(call, args, progress)
         except GaveUp as e:  # the prompt is left for a later run
             progress.gave_up(e)
             return
-        limiter.refund(expected - sum(token_counts(body)))
-        progress.add(k, labels, prompt, body)
+        try:
+            parse_completion(body)
+        except ValueError as e:  # JSON, but not a chat completion: the server's way, so not asked again
+            progress.not_a_completion(e)  # the prompt is left for a later run
+        else:
+            limiter.refund(expected - sum(token_counts(body)))
+            progress.add(k, labels, prompt, body)
         if not fatal:  # the answers that come in while the run stops are kept; the first to stop it names the cause
             progress.check_yield()
         await out.sync()

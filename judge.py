@@ -85,6 +85,7 @@ HINTS = {  # why answers were not grades -> what to do when all of them are not
                           "--judge_model",
     "out_of_range": "the judge's scores are not between 0 and 100; try another --judge_model",
     "empty": "the judge answers nothing or refuses; try another --judge_model",
+    "not_a_completion": "the server's answers are not chat completions; check --base_url and --judge_model",
 }
 
 
@@ -318,9 +319,8 @@ async def grade_all(client, api, args, todo, log, progress):
 
         async def call():
             await limiter.acquire(expected)
-            answer = json.loads(await client.post("/chat/completions", body=body, cast_to=str))
-            parse_completion(answer)  # a body that is no chat completion raises here, inside the retries
-            return answer
+            # an answer cut short in transfer is not JSON: ValueError, retried
+            return json.loads(await client.post("/chat/completions", body=body, cast_to=str))
 
         try:
             answer = await with_retries(call, api, progress)
@@ -334,13 +334,20 @@ async def grade_all(client, api, args, todo, log, progress):
             return
         state["give_ups"] = 0
         state["left"] -= 1
-        content, finish_reason, _, judge_model = parse_completion(answer)
-        usage = token_counts(answer)
+        try:
+            content, finish_reason, _, judge_model = parse_completion(answer)
+            usage = token_counts(answer)
+            shape_error = None
+        except ValueError as e:  # JSON, but not a chat completion: paid for, and the server answers alike again
+            content, finish_reason, judge_model, usage = answer, None, None, (0, 0)
+            shape_error = NotAGrade("not_a_completion", str(e).removeprefix("not a chat completion: "))
         limiter.refund(expected - sum(usage))
         record = {"id": i, "prompt": prompt, "completion": completion, "scores": None, "explanation": None,
                   "error": None, "judge_model": judge_model, "finish_reason": finish_reason,
                   "prompt_tokens": usage[0], "completion_tokens": usage[1]}
         try:
+            if shape_error:
+                raise shape_error
             record["scores"], record["explanation"] = parse_grade(content)
             state["unusable"], state["reasons"] = 0, Counter()
         except NotAGrade as e:

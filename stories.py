@@ -249,7 +249,7 @@ def duplicate_key(story):
 
 def parse_completion(body):
     """(text, finish_reason, id, model) of a chat completion as JSON; ValueError if it is not one, its text is not
-    a string (a list of content parts) or its usage not token counts, so that it is retried as a bad answer."""
+    a string (a list of content parts) or its usage not token counts: an answer that gives no story or grade."""
     try:
         choice = body["choices"][0]
         text = choice["message"]["content"] or ""

@@ -290,15 +290,18 @@ def test_judge_that_never_answers_with_a_grade_stops_after_a_bounded_number_of_r
     assert len(lines(tmp_path / "judge.jsonl")) == server.stats["chat"]  # paid for: kept, not asked again
 
 
-def test_judge_answers_of_the_wrong_shape_are_retried_then_end_in_one_line(tiny, tmp_path):
+def test_judge_answers_of_the_wrong_shape_end_in_one_line(tiny, tmp_path):
+    # JSON, but not a chat completion: paid for, kept and counted by --max_unusable, not asked again
     for shape in SHAPE_FAULTS:  # content parts, usage "n/a", token counts as strings
         with OpenAIServer(api_key=KEY, answer_fault=shape) as server:
-            result = judge_run(tiny, server.url, "--n_prompts=6", "--max_retries=1", f"--eval_dir={tmp_path}")
+            result = judge_run(tiny, server.url, "--n_prompts=13", "--concurrency=3", "--max_unusable=4",
+                               f"--eval_dir={tmp_path / shape}")
             line = one_error_line(result)
-            assert "6 prompts in a row got no answer from the judge: 2 tries failed, the last with an answer that is" \
-                   " not a chat completion" in line, line
-            assert server.stats["chat"] == 6 * 2
-        assert os.listdir(tmp_path) == []
+            assert "judge answers in a row were not grades (not_a_completion" in line, line
+            assert "the server's answers are not chat completions; check --base_url and --judge_model" in line
+            assert 4 <= server.stats["chat"] <= 4 + 3
+        records = lines(tmp_path / shape / "judge.jsonl")
+        assert len(records) == server.stats["chat"] and all(r["error"].startswith("not_a_completion: ") for r in records)
 
 
 @pytest.mark.parametrize("case, message", [
