@@ -3,7 +3,9 @@
 Request files of up to 50,000 requests are uploaded and run as batches, several in flight; finished
 batches are parsed into the same output as a live run, and the requests that failed are sent again.
 The batches in flight are listed in <out>.batches.json, so a command started again polls them instead
-of paying twice, and a create tried again (its answer lost) first looks for the batch it may have made.
+of paying twice (or cancels them, when the output holds the stories asked for already), and a create
+tried again (its answer lost) first looks for the batch it may have made. Any status other than DONE's
+is a batch still running, polled until an hour past its completion window.
 While the output holds no story, one probe batch of at most PROBE_REQUESTS requests is all that is in
 flight: a setup whose answers are all unusable costs that much, not batches of 50,000.
 """
@@ -16,6 +18,8 @@ import sys
 import time
 from collections import Counter
 
+import openai
+
 from api_client import RETRIED_4XX, FatalError, refusal, request_body, with_retries
 from configurator import atomic_write
 from stories import iter_prompts, prompts_for
@@ -24,6 +28,8 @@ MAX_BATCH_REQUESTS = 50_000  # the Batch API's limits on one input file
 MAX_BATCH_BYTES = 200 * 1000 * 1000
 PROBE_REQUESTS = 32  # requests in the one batch in flight while the output holds no story
 MAX_BATCH_FAILURES = 5  # batches in a row that fail for the same reason before a Batch run stops
+DONE = ("completed", "expired", "cancelled", "failed")  # a batch in any other status is still running
+PAST_WINDOW_S = 3600  # a batch still running this long after its completion window ends stops the run
 
 
 async def run_batch(client, args, axes, names, out, progress):
@@ -51,6 +57,11 @@ async def run_batch(client, args, axes, names, out, progress):
         elif os.path.exists(state_path):
             os.remove(state_path)
 
+    async def made_from(entry):
+        """The id of a batch made from entry's request file, or None."""
+        recent = await client.batches.list(limit=100)
+        return next((b.id for b in recent.data if b.input_file_id == entry["input_file_id"]), None)
+
     async def start(entry, maybe_made=False):
         """Create the batch of an uploaded request file and save its id. Before each try but the first (and before
         the first too with maybe_made), look for a batch made from that file: a create whose answer was lost (a
@@ -59,10 +70,9 @@ async def run_batch(client, args, axes, names, out, progress):
         async def create():
             nonlocal maybe_made
             if maybe_made:
-                recent = await client.batches.list(limit=100)
-                found = [b.id for b in recent.data if b.input_file_id == entry["input_file_id"]]
+                found = await made_from(entry)
                 if found:
-                    return found[0]
+                    return found
             maybe_made = True
             batch = await client.batches.create(input_file_id=entry["input_file_id"], endpoint="/v1/chat/completions",
                                                 completion_window="24h")
@@ -73,8 +83,23 @@ async def run_batch(client, args, axes, names, out, progress):
         save()
 
     for entry in in_flight:
-        if entry["batch_id"] is None:  # stopped between upload and saving the batch's id: it may exist already
-            await start(entry, maybe_made=True)
+        if entry["batch_id"] is None and out.count < args.target:  # stopped between upload and saving the batch's
+            await start(entry, maybe_made=True)  # id: it may exist already
+
+    async def retrieve(entry):
+        """The batch of entry as it is now; FatalError if the server does not know it, or it runs past its window."""
+        try:
+            batch = await client.batches.retrieve(entry["batch_id"])
+        except openai.NotFoundError:
+            raise FatalError(f"batch {entry['batch_id']}, listed in {state_path}, is unknown to "
+                             f"{args.base_url or 'the OpenAI API'} (404): use the key and --base_url that made it, or "
+                             f"remove its entry from {state_path} to ask its prompts again") from None
+        end = batch.expires_at or (batch.created_at + 24 * 3600 if batch.created_at else None)
+        if batch.status not in DONE and end and time.time() > end + PAST_WINDOW_S:
+            raise FatalError(f"batch {entry['batch_id']} is still {batch.status} {PAST_WINDOW_S / 3600:g} h after its "
+                             f"completion window ended; run the same command again later, it polls the batches "
+                             f"listed in {state_path}")
+        return batch
 
     submitted = {k for entry in in_flight for k in entry["prompt_ids"]}
     prompts = iter_prompts(axes, names, args, skip=out.prompt_ids | submitted)
@@ -109,8 +134,8 @@ async def run_batch(client, args, axes, names, out, progress):
         await asyncio.sleep(delay)
         delay = min(2 * delay, args.poll_interval)
         for entry in list(in_flight):
-            batch = await with_retries(lambda: client.batches.retrieve(entry["batch_id"]), args, progress)
-            if batch.status in ("validating", "in_progress", "finalizing", "cancelling"):
+            batch = await with_retries(lambda: retrieve(entry), args, progress)
+            if batch.status not in DONE:  # validating, in_progress, finalizing, cancelling, or a server's own
                 continue
             todo = sorted(k for k in entry["prompt_ids"] if k not in out.prompt_ids)  # not written before a crash
             if batch.status == "failed":  # refused as a whole, nothing done or billed: submit its requests again
@@ -190,11 +215,15 @@ async def run_batch(client, args, axes, names, out, progress):
                 progress.stats[f"batches {batch.status}"] += 1
             failures.clear()
             delay = min(1.0, args.poll_interval)
-    for entry in in_flight:  # no longer needed (a rerun with a smaller --n_stories): stop paying for them
+    for entry in in_flight:  # no longer needed (a rerun with a smaller --n_stories): stop paying for those running
         try:
-            await with_retries(lambda: client.batches.cancel(entry["batch_id"]), args, progress)
-            progress.stats["batches cancelled"] += 1
+            batch_id = entry["batch_id"] or await with_retries(lambda: made_from(entry), args, progress)
+            if batch_id and (await with_retries(lambda: client.batches.retrieve(batch_id), args, progress)).status \
+                    not in DONE:
+                await with_retries(lambda: client.batches.cancel(batch_id), args, progress)
+                progress.stats["batches cancelled"] += 1
         except FatalError as e:
-            print(f"note: could not cancel batch {entry['batch_id']}, no longer needed: {e}", file=sys.stderr)
+            print(f"note: could not cancel batch {entry['batch_id'] or entry['input_file_id']}, no longer needed: {e}",
+                  file=sys.stderr)
     in_flight.clear()
     save()

@@ -521,7 +521,7 @@ def main(argv=None):
         die(f"batches are in flight for {args.out}, listed in {args.out}.batches.json: rerun with --batch to collect"
             f" them, or use another --out")
     out = Output(args.out, args, axes, names)
-    if out.count >= args.target:
+    if out.count >= args.target and not os.path.exists(args.out + ".batches.json"):  # else: cancel those batches
         print(f"{args.out} holds {out.count:,} stories, {args.target:,} asked for: nothing to do")
         out.close()
         return

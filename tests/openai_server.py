@@ -46,6 +46,7 @@ and taken by the batches created next, one each:
     garbled     a line of the output file is cut short, not JSON
     refused     one request answered 400 in the error file
     slow        takes 100 times batch_delay
+    queued      says "queued" (a status of its own, not OpenAI's) before it goes on as any other
     timeout     is created, but the answer comes after `stall` seconds, past the client's timeout
 
 In a test:
@@ -73,7 +74,8 @@ ANSWER_FAULTS = ("truncated", "fewer", "merged")  # faults of the answer's text,
 JUDGE_FAULTS = ("not_json", "out_of_range", "missing_score")
 SHAPE_FAULTS = ("content_parts", "usage_text", "usage_strings")  # answers of the wrong shape, stories and grades alike
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-nano", "gpt-5-nano")  # what GET /v1/models lists
-BATCH_FAULTS = ("failed", "expired", "garbled", "refused", "slow", "timeout")
+BATCH_FAULTS = ("failed", "expired", "garbled", "refused", "slow", "queued", "timeout")
+RUNNING = ("queued", "validating", "in_progress", "finalizing")  # a batch's statuses before it is done
 ERRORS = {  # status, and the error object of the answer
     "400": (400, {"message": "Invalid value for 'temperature'.", "type": "invalid_request_error", "code": None}),
     "403": (403, {"message": "Project does not have access to model.", "type": "invalid_request_error",
@@ -253,7 +255,7 @@ class OpenAIServer:
             age = (time.time() - batch["created_at"]) / (self.batch_delay * (100 if batch["fault"] == "slow" else 1))
             if batch["status"] == "cancelling":
                 batch["status"], batch["cancelled_at"] = "cancelled", int(time.time())
-            elif batch["status"] in ("validating", "in_progress", "finalizing"):
+            elif batch["status"] in RUNNING:
                 if batch["fault"] == "failed" and age >= 1 / 3:
                     batch["status"], batch["failed_at"] = "failed", int(time.time())
                     batch["errors"] = {"object": "list", "data": [{
@@ -264,7 +266,8 @@ class OpenAIServer:
                 elif age >= 1:
                     self.run_batch(batch)
                 else:
-                    batch["status"] = ("validating", "in_progress", "finalizing")[int(3 * age)]
+                    first = "queued" if batch["fault"] == "queued" else "validating"
+                    batch["status"] = (first, "in_progress", "finalizing")[int(3 * age)]
             return {k: v for k, v in batch.items() if k != "fault"}
 
     def run_batch(self, batch):
@@ -374,7 +377,7 @@ class OpenAIServer:
             batch = self.batches[m.group(1)]
             if m.group(2):
                 with self.batch_lock:
-                    if batch["status"] not in ("validating", "in_progress", "finalizing"):
+                    if batch["status"] not in RUNNING:
                         return 400, {"error": {"message": f"Cannot cancel a batch with status {batch['status']}.",
                                                "type": "invalid_request_error"}}, {}
                     batch["status"] = "cancelling"

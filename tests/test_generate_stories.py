@@ -916,3 +916,47 @@ def test_batch_whose_id_was_lost_is_found_and_batches_no_longer_needed_are_cance
     assert statuses == ["cancelling", "completed"]  # found by batches.list, not created again; the slow one cancelled
     assert {r["prompt_id"] for r in check_stories(out, 40)} == set(range(5)) | set(range(10, 15))
     assert "batches cancelled 1" in capsys.readouterr().out and not os.path.exists(f"{out}.batches.json")
+
+
+def test_batches_in_flight_are_cancelled_by_a_rerun_whose_stories_are_there(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=1.5, stall=0.5) as server:  # both batches still run at the rerun
+        argv = stop_with_batches_in_flight(monkeypatch, server, out)
+        capsys.readouterr()
+        generate(monkeypatch, server, out, *argv, "--n_stories=20")  # the output holds 20 already
+        statuses = [b["status"] for b in server.batches.values()][1:]
+    # the slow one by its id, the one whose id was lost found by batches.list; none made
+    assert len(statuses) == 2 and set(statuses) <= {"cancelling", "cancelled"}
+    assert "batches cancelled 2" in capsys.readouterr().out and not os.path.exists(f"{out}.batches.json")
+    check_stories(out, 20)
+
+
+def test_batch_in_a_status_of_the_servers_own_is_polled_not_sent_again(monkeypatch, tmp_path):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=0.3) as server:
+        server.inject_batch("queued")
+        generate(monkeypatch, server, out, "--batch", "--n_stories=8", "--poll_interval=0.02")
+        assert server.stats["batches"] == 1
+    check_stories(out, 8)
+
+
+def test_batch_the_server_does_not_know_or_that_runs_past_its_window_ends_in_one_line(monkeypatch, tmp_path):
+    import batch_api
+
+    out = tmp_path / "stories.jsonl"
+    state = tmp_path / "stories.jsonl.batches.json"
+    with OpenAIServer(api_key=KEY, batch_delay=0.05) as server:
+        state.write_text(json.dumps({"batches": [{"input_file_id": "file-x", "batch_id": "batch-x", "prompt_ids": [0]}]}))
+        with pytest.raises(SystemExit, match=rf"^error: batch batch-x, listed in {re.escape(str(state))}, is unknown to"
+                                             rf" http://.* \(404\): use the key and --base_url that made it, or remove its"
+                                             rf" entry from .* to ask its prompts again$"):
+            generate(monkeypatch, server, out, "--batch", "--n_stories=8", "--poll_interval=0.02")
+        state.unlink()
+        # a batch still running an hour after its 24 h window: here, at once
+        monkeypatch.setattr(batch_api, "PAST_WINDOW_S", -24 * 3600)
+        server.inject_batch("slow")
+        with pytest.raises(SystemExit, match=r"^error: batch \S+ is still (validating|in_progress) -24 h after its"
+                                             r" completion window ended; run the same command again later, it polls"
+                                             r" the batches listed in .*batches.json$"):
+            generate(monkeypatch, server, out, "--batch", "--n_stories=8", "--poll_interval=0.02")
+        assert server.stats["batches"] == 1 and json.loads(state.read_text())["batches"][0]["batch_id"]
