@@ -15,6 +15,7 @@ timeout, max_retries, backoff, price_in, price_out, batch), and model_flag, the 
 
 import asyncio
 import itertools
+import math
 import random
 import re
 import time
@@ -87,12 +88,15 @@ async def check_server(client, args):
 
 
 def retry_after(headers):
-    """Seconds the server asked us to wait (retry-after-ms or Retry-After), or None."""
+    """Seconds the server asked us to wait (retry-after-ms or Retry-After), or None (also for a wait that is not
+    a number of seconds: a date, nan, inf or below 0)."""
     for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
         try:
-            return float(headers.get(name)) * scale
+            wait = float(headers.get(name)) * scale
         except (TypeError, ValueError):
-            pass
+            continue
+        if math.isfinite(wait) and wait >= 0:
+            return wait
     return None
 
 

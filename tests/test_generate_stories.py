@@ -400,6 +400,13 @@ def test_retry_after_is_honoured(monkeypatch, tmp_path, retry_after, retry_after
     assert len(times) == 2 and wait <= times[1] - times[0] < 1.2 * wait + 0.5  # and up to 20% more, as jitter
 
 
+def test_a_retry_after_that_is_not_a_wait_is_left_for_the_backoff():
+    assert api_client.retry_after({"retry-after-ms": "250", "retry-after": "1"}) == 0.25
+    assert api_client.retry_after({"retry-after-ms": "nan", "retry-after": "2"}) == 2.0
+    for bad in ("nan", "inf", "-1", "Wed, 21 Oct 2026 07:28:00 GMT"):
+        assert api_client.retry_after({"retry-after": bad}) is None
+
+
 def test_tokens_per_minute_limit_holds_for_requests_larger_than_a_seconds_worth(monkeypatch, tmp_path):
     axes = forked_axes(tmp_path, num_paragraphs=[1])  # requests of ~170 tokens, the limit 100 a second
     with OpenAIServer(api_key=KEY) as server:
