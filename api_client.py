@@ -162,10 +162,15 @@ class RateLimiter:
         self.level[1] = min(self.capacity[1], self.level[1] + tokens)
 
 
+def reasoning_model(model):
+    """One of OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...): they refuse max_tokens, wanting
+    max_completion_tokens, and any temperature but 1."""
+    return re.match(r"gpt-5|o\d", model) is not None
+
+
 def max_tokens_key(model):
-    # OpenAI's reasoning models (o1, o3, o4-mini, gpt-5...) refuse max_tokens and want max_completion_tokens;
-    # other servers (older llama.cpp, some proxies) know only max_tokens, so only those models get the new name
-    return "max_completion_tokens" if re.match(r"gpt-5|o\d", model) else "max_tokens"
+    # other servers (older llama.cpp, some proxies) know only max_tokens, so only reasoning models get the new name
+    return "max_completion_tokens" if reasoning_model(model) else "max_tokens"
 
 
 def request_body(args, prompt):

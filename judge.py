@@ -12,8 +12,9 @@ test split, when prepare.py kept it): their first --prompt_words words (18, as p
 --prompt_words=0 their first sentence. The model completes each with temperature 0.7 and top-k 40, up to 300
 new tokens, stopping at EOS. Prompts of equal token length are sampled together in batches of --batch_size,
 each batch seeded by --seed and its first story, so a rerun samples the same completions. The judge
-(--judge_model, temperature 0) reads the whole story, beginning and completion, and grades it from 0 to 100
-on originality, coherence, grammar and quality after a short explanation, in JSON: --response_format=
+(--judge_model, temperature 0; 1 for OpenAI's reasoning models, which take no other) reads the whole
+story, beginning and completion, and grades it from 0 to 100 on originality, coherence, grammar and
+quality after a short explanation, in JSON: --response_format=
 json_schema (the default) holds the server to a JSON schema, json_object asks for any JSON object, none
 relies on the prompt alone. An answer is a grade only if it holds the four scores, each a whole number from
 0 to 100; any other (not JSON, a score missing or out of range) is counted as failed and never scored. The
@@ -48,7 +49,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from api_client import (MIN_GIVE_UPS, FatalError, GaveUp, RateLimiter, check_server, max_tokens_key, message_tokens,
-                        price_per_token, with_retries)
+                        price_per_token, reasoning_model, with_retries)
 from configurator import atomic_write, autocast_for, die
 from evaluate import interval, load_run, markdown_table, model_files, plus_minus, write_report
 from stories import parse_completion, token_counts  # how the generator reads a chat completion
@@ -137,8 +138,10 @@ def judge_prompt(prompt, story):
 
 
 def request_body(args, text):
-    body = {"model": args.judge_model, "messages": [{"role": "user", "content": text}], "temperature": 0,
+    body = {"model": args.judge_model, "messages": [{"role": "user", "content": text}],
             max_tokens_key(args.judge_model): JUDGE_MAX_TOKENS}
+    if not reasoning_model(args.judge_model):  # which sample at temperature 1 only
+        body["temperature"] = 0
     if args.response_format == "json_schema":
         body["response_format"] = {"type": "json_schema", "json_schema": GRADE_SCHEMA}
     elif args.response_format == "json_object":
@@ -481,7 +484,8 @@ def dry_run(model, tok, device, prompts, args, done, price, path):
     todo = [(i, p) for i, p in prompts if i not in done]
     example = sample_completions(model, tok, device, todo or prompts, args, enough=16)  # for an example and the tokens
     texts = [judge_prompt(p, p + example[i]) for i, p in todo or prompts if i in example]
-    print(f"--- judge prompt (model {args.judge_model}, temperature 0, response format {args.response_format}) ---")
+    temperature = 1 if reasoning_model(args.judge_model) else 0
+    print(f"--- judge prompt (model {args.judge_model}, temperature {temperature}, response format {args.response_format}) ---")
     print(texts[0])
     if args.response_format == "json_schema":
         print(f"--- response_format ---\n{json.dumps({'type': 'json_schema', 'json_schema': GRADE_SCHEMA})}")

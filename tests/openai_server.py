@@ -9,7 +9,8 @@ and writes plausible simple stories, deterministically from the prompt: as many 
 ("Write 4 short stories" / "Write a short story"), each with the paragraph count it asks for,
 separated by the marker line it names. `max_tokens` is honoured (4 characters a token): an answer
 that does not fit is cut, with finish_reason "length", as a real server does. Like OpenAI, it refuses
-`max_tokens` (400) for the models that want `max_completion_tokens` (gpt-5*, o1, o3, o4-mini...).
+`max_tokens` (400) for the models that want `max_completion_tokens` (gpt-5*, o1, o3, o4-mini...), and any
+temperature but 1 for them.
 A judge request (judge.py's prompt, "Grade the story", or a json_schema response format) is answered with a
 grade, a JSON object of an explanation and four scores from 0 to 100 that depend only on the story graded;
 with json_schema=False a json_schema response format is refused (400), as by servers that do not take one.
@@ -179,6 +180,10 @@ class OpenAIServer:
             return 400, {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use"
                                     " 'max_completion_tokens' instead.", "type": "invalid_request_error",
                          "param": "max_tokens", "code": "unsupported_parameter"}
+        if re.match(r"gpt-5|o\d", body.get("model", "")) and body.get("temperature", 1) != 1:
+            return 400, {"message": f"Unsupported value: 'temperature' does not support {body['temperature']} with this"
+                                    f" model. Only the default (1) value is supported.", "type": "invalid_request_error",
+                         "param": "temperature", "code": "unsupported_value"}
         if not self.json_schema and (body.get("response_format") or {}).get("type") == "json_schema":
             return 400, {"message": "response_format of type 'json_schema' is not supported by this model.",
                          "type": "invalid_request_error", "param": "response_format", "code": None}

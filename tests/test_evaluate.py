@@ -257,6 +257,14 @@ def test_judge_grades_each_prompt_once_through_faults_and_a_rerun_pays_nothing(t
     assert "| originality |" in markdown and "failed to parse" in markdown
 
 
+def test_judge_that_is_a_reasoning_model_is_sent_no_temperature(tiny, tmp_path):
+    # OpenAI's gpt-5 and o-series refuse max_tokens and any temperature but 1, as the local server does
+    with OpenAIServer(api_key=KEY) as server:
+        result = judge_run(tiny, server.url, "--n_prompts=3", "--judge_model=gpt-5-nano", f"--eval_dir={tmp_path}")
+        assert result.returncode == 0, result.stderr
+    assert json.load(open(tmp_path / "judge.json"))["graded"] == 3
+
+
 def test_killed_judge_run_resumes_without_paying_twice(tiny, tmp_path):
     eval_dir = tmp_path / "eval"
     with OpenAIServer(api_key=KEY, latency=0.25) as server:
