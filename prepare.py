@@ -77,6 +77,7 @@ def prepare(input_spec, tokenizer_file, data_dir, val_fraction=0.05, chunk_stori
     paths = {f"{s}.{ext}": os.path.join(data_dir, f"{s}.{ext}") for s in SPLITS for ext in ("bin", "idx", "stories.parquet")}
     files, index = {}, {}  # open files, and the parquet writer of each split's story index
     counts = {s: {"stories": 0, "tokens": 0, "bytes": 0} for s in SPLITS}
+    digests = {s: hashlib.sha256() for s in SPLITS}  # of each bin as written: a resume checks it is the same
     labelled = set()  # the labels some story has
     unigram = np.zeros(tok.vocab_size, dtype=np.int64)  # token frequencies in train, for the unigram baseline
     made_data_dir = not os.path.isdir(data_dir)
@@ -118,6 +119,7 @@ def prepare(input_spec, tokenizer_file, data_dir, val_fraction=0.05, chunk_stori
                 index[s].write_table(pa.table(columns, schema=INDEX_SCHEMA))
                 tokens = np.fromiter(itertools.chain.from_iterable(ids for *_, ids in rows), dtype="<u2")
                 tokens.tofile(files[f"{s}.bin"])
+                digests[s].update(tokens.tobytes())
                 if s == "train":
                     unigram[:] += np.bincount(tokens, minlength=tok.vocab_size)
                 counts[s]["stories"] += len(rows)
@@ -166,7 +168,7 @@ def prepare(input_spec, tokenizer_file, data_dir, val_fraction=0.05, chunk_stori
         "input": input_spec, "val_input": val_input, "val_fraction": None if val_input else val_fraction,
         "split": "train.bin from input, val.bin from val_input" if val_input else
                  "val if int.from_bytes(sha256(id)[:8], 'little') < val_fraction * 2**64, else train",
-        **{s: counts[s] for s in SPLITS},
+        **{s: {**counts[s], "sha256": digests[s].hexdigest()} for s in SPLITS},
         # cross-entropy (nats per token) of predicting train tokens by their frequency alone: the loss to beat
         "unigram_entropy": float(-(p * np.log(p)).sum()),
         "labels": [k for k in LABELS if k in labelled],  # the label columns of the story index that hold values

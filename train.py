@@ -232,8 +232,10 @@ if windows == "story":
 
 
 def data_identity(m):
-    """What makes bins the same bins, from their meta.json: the tokenizer that encoded them and their sizes."""
-    return {"tokenizer sha256": m["tokenizer_sha256"], **{f"{s} {n}": m[s][n] for s in ("train", "val") for n in ("stories", "tokens")}}
+    """What makes bins the same bins, from their meta.json: the tokenizer that encoded them, their sizes and the
+    sha256 of each bin (which a meta.json of an older prepare.py does not hold)."""
+    return {"tokenizer sha256": m["tokenizer_sha256"],
+            **{f"{s} {n}": m[s][n] for s in ("train", "val") for n in ("stories", "tokens", "sha256") if n in m[s]}}
 
 
 if checkpoint is not None and checkpoint["meta"] is None:  # imported by export.py: no bins yet, a tokenizer
@@ -242,7 +244,8 @@ if checkpoint is not None and checkpoint["meta"] is None:  # imported by export.
             f"{checkpoint['tokenizer']['file']}")
 elif checkpoint is not None:  # the bins it trained on, not others made since under the same name
     was, now = data_identity(checkpoint["meta"]), data_identity(meta)
-    changed = [f"{k} {was[k]} -> {now[k]}" for k in was if was[k] != now[k]]
+    short = lambda v: v[:12] if isinstance(v, str) else v  # noqa: E731  (a sha256's first 12 digits tell it)
+    changed = [f"{k} {short(was[k])} -> {short(now[k])}" for k in was if k in now and was[k] != now[k]]
     if changed:
         die(f"{data_dir} was prepared again since {ckpt_path} was written ({', '.join(changed)}); a resume needs the bins "
             f"and tokenizer it trained on: prepare them as before, or train a new out_dir")

@@ -1,6 +1,7 @@
 """prepare.py: the bins decode to exactly their split's stories, the story index gives each story's tokens and
 labels, the split is stable, failures leave nothing."""
 
+import hashlib
 import json
 import os
 import re
@@ -244,6 +245,7 @@ def test_open_bins_refuses_bins_that_do_not_match_their_meta(workdir, tmp_path):
     shutil.copytree(workdir / "data" / "sample", data)
     meta, bins = prepare.open_bins(str(data))
     assert [len(bins[s]) for s in prepare.SPLITS] == [meta[s]["tokens"] for s in prepare.SPLITS]
+    assert all(meta[s]["sha256"] == hashlib.sha256((data / f"{s}.bin").read_bytes()).hexdigest() for s in prepare.SPLITS)
     val = (data / "val.bin").read_bytes()
     for broken, message in [
         (lambda: (data / "val.bin").write_bytes(val[:-2]), f"val.bin is missing or does not match {data}/meta.json ("),

@@ -456,6 +456,23 @@ def test_resume_refuses_bins_or_tokenizer_made_since(tmp_workdir):
     assert elsewhere.returncode == 0 and elsewhere.stdout == sampled.stdout, elsewhere.stderr
 
 
+def test_resume_refuses_the_same_stories_prepared_again_in_another_order(tmp_workdir):
+    import random
+
+    lines = open(SAMPLE).readlines()
+    (tmp_workdir / "data" / "shuffled").mkdir()
+    stories = tmp_workdir / "data" / "shuffled" / "stories.jsonl"
+    prepare = ["--input=data/shuffled/stories.jsonl", "--tokenizer=tokenizers/sample.model", "--data_dir=data/shuffled"]
+    stories.write_text("".join(lines))
+    assert run("prepare.py", *prepare, cwd=tmp_workdir).returncode == 0
+    train(tmp_workdir, "--dataset=shuffled", "--max_iters=2", "--eval_interval=2", "--out_dir=out/shuffled")
+    random.Random(0).shuffle(lines)
+    stories.write_text("".join(lines))
+    assert run("prepare.py", *prepare, cwd=tmp_workdir).returncode == 0  # the same counts, tokens in another order
+    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/shuffled", "--max_iters=4", cwd=tmp_workdir))
+    assert "data/shuffled was prepared again" in line and "train sha256" in line and "train tokens" not in line
+
+
 def test_resume_past_max_iters(workdir):
     train(workdir, "--max_iters=4", "--eval_interval=4", "--out_dir=out/finished")
     line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/finished", "--max_iters=2", cwd=workdir))
