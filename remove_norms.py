@@ -25,6 +25,7 @@ Prints the val loss (train.py's: the mean over eval_seqs fixed windows of val.bi
 group's removal, and after its fine-tuning.
 """
 
+import math
 import os
 import time
 from contextlib import nullcontext
@@ -112,8 +113,8 @@ def main():
     for flag in ("batch_size", "measure_batches"):
         if getattr(args, flag) < 1:
             die(f"--{flag}={getattr(args, flag)} must be at least 1")
-    if not (args.learning_rate >= 0 and args.weight_decay >= 0 and args.grad_clip >= 0):
-        die("--learning_rate, --weight_decay and --grad_clip must be 0 or more")
+    if not all(math.isfinite(v) and v >= 0 for v in (args.learning_rate, args.weight_decay, args.grad_clip)):
+        die("--learning_rate, --weight_decay and --grad_clip must be finite numbers, 0 or more")
     out = args.out or args.out_dir.rstrip("/") + "_normfree"
     out_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(out_path) and not args.overwrite:
@@ -200,6 +201,13 @@ def main():
             step += 1
         return sum(losses[-10:]) / max(1, len(losses[-10:]))
 
+    def diverged(what, value, when):
+        """value, if it is a finite number; else the run stops, writing nothing, as train.py's would."""
+        if not math.isfinite(value):
+            die(f"the {what} is {value} {when}: the fine-tuning diverged and nothing was written; "
+                f"lower --learning_rate (now {args.learning_rate:g})")
+        return value
+
     t0 = time.time()
     before = val_loss()
     print(f"{args.out_dir}: val loss {before:.4f} with RMSNorm")
@@ -209,15 +217,18 @@ def main():
         model.eval()
         scales = measure_scales(model, norms, [train_batch()[0] for _ in range(args.measure_batches)], tok.bos_id, tok.eos_id, autocast)
         freeze(norms, scales)
-        right_after = val_loss()
-        train_loss = train(args.steps_per_group)
-        after = val_loss()
+        when = f"with the {group} norms fixed"
+        right_after = diverged("val loss", val_loss(), when)
+        train_loss = diverged("train loss", train(args.steps_per_group), when)
+        after = diverged("val loss", val_loss(), when)
         print(f"{group} norms -> fixed scales {', '.join(f'{s:.3g}' for s in scales)}: val loss {right_after:.4f} right after, "
               f"{after:.4f} after {args.steps_per_group} steps (train loss {train_loss:.4f}) | {time.time() - t0:.0f} s", flush=True)
         record["groups"].append({"group": group, "scales": scales, "val_loss_right_after": right_after, "val_loss_after": after})
     if args.final_steps:
-        train(args.final_steps)
-    final = val_loss()
+        diverged("train loss", train(args.final_steps), "in the final steps")
+    final = diverged("val loss", val_loss(), "after the final steps")
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        diverged("a weight", float("nan"), "after the final steps")
     print(f"norm-free: val loss {final:.4f} after {args.final_steps} final steps ({final - before:+.4f} against RMSNorm)")
     model.config.norm = "none"
 

@@ -184,6 +184,12 @@ def test_remove_norms_end_to_end(workdir):
                                                       "--out=out/x", cwd=workdir))
     assert "does not exist" in one_error_line(run("remove_norms.py", "--out_dir=out/missing", cwd=workdir))
     assert "exists" in one_error_line(run("remove_norms.py", "--out_dir=out/withnorm", cwd=workdir))
+    assert "must be finite numbers" in one_error_line(run("remove_norms.py", *args, "--learning_rate=inf", cwd=workdir))
+    # a fine-tuning that diverges writes nothing, and leaves the checkpoint it would have replaced as it was
+    written = (workdir / "out" / "withnorm_normfree" / "ckpt.pt").read_bytes()
+    line = one_error_line(run("remove_norms.py", *args, "--learning_rate=1e9", cwd=workdir))
+    assert "the fine-tuning diverged and nothing was written; lower --learning_rate (now 1e+09)" in line, line
+    assert (workdir / "out" / "withnorm_normfree" / "ckpt.pt").read_bytes() == written
     shutil.copytree(workdir / "data" / "sample", workdir / "data" / "cut_short")
     with open(workdir / "data" / "cut_short" / "train.bin", "r+b") as f:
         f.truncate(1000)  # bins cut short: refused, not fine-tuned on
