@@ -319,6 +319,8 @@ def main():
     args = parser.parse_args()
     if not args.out_dir or bool(args.hf_dir) == bool(args.from_hf):
         die("give --out_dir and either --hf_dir (export) or --from_hf (import); --help shows both")
+    if args.from_hf and (args.step is not None or args.push_to_hub):
+        die("--step and --push_to_hub go with an export (--hf_dir), not an import (--from_hf)")
     if args.from_hf:
         ckpt_path = os.path.join(args.out_dir, "ckpt.pt")
         if os.path.exists(ckpt_path) and not args.overwrite:

@@ -122,8 +122,10 @@ def main():
     if not (args.temperature >= 0 and math.isfinite(args.temperature)) or args.top_k < 0 or not 0 < args.top_p <= 1:
         raise ValueError("--temperature must be a finite number, 0 or more, --top_k must not be negative, "
                          "and --top_p must be in (0, 1]")
-    if args.seed < 0:
-        raise ValueError("--seed must not be negative")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed={args.seed} must be between 0 and 2**63 - 1")
+    if args.prompt and args.prompt_file:
+        raise ValueError("give --prompt or --prompt_file, not both")
     if args.step is not None and (args.step < 0 or args.hf_dir):
         raise ValueError("--step picks a snapshot of --out_dir's run: a step of 0 or more, and no --hf_dir")
 

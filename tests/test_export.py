@@ -245,6 +245,9 @@ def test_bad_export_arguments(tmp_path):
     assert "either --hf_dir (export) or --from_hf (import)" in one_error_line(run("export.py", cwd=tmp_path))
     assert "train a model with train.py" in one_error_line(run("export.py", "--out_dir=none", "--hf_dir=hf", cwd=tmp_path))
     assert "cannot read" in one_error_line(run("export.py", "--from_hf=none", "--out_dir=out", cwd=tmp_path))
+    for flag in ("--step=3", "--push_to_hub=you/model"):  # an export's flags, not an import's
+        line = one_error_line(run("export.py", "--from_hf=none", "--out_dir=out", flag, cwd=tmp_path))
+        assert "--step and --push_to_hub go with an export (--hf_dir), not an import (--from_hf)" in line
 
 
 def test_export_and_import_refuse_to_overwrite_unless_told(exported, tmp_path):

@@ -322,7 +322,8 @@ def test_corrupt_checkpoint(workdir, tmp_path):
     (["--num_samples=0"], "at least 1"), (["--temperature=-1"], "finite number, 0 or more"),
     (["--temperature=nan"], "finite number"), (["--device=cuda"], "torch sees no GPU"), (["--device=tpu"], "not a device"), (["--top_p=0"], "(0, 1]"),
     (["--prompt_file=nope.txt"], "No such file"), (["--prompt=" + "word " * 600], "leaving no room"),
-    (["--out_dir=out/none"], "train a model with train.py"),
+    (["--out_dir=out/none"], "train a model with train.py"), (["--seed=18446744073709551616"], "--seed=1844"),
+    (["--prompt=Once", "--prompt_file=prompts.txt"], "give --prompt or --prompt_file, not both"),
 ])
 def test_sample_bad_arguments(workdir, args, message):
     out = workdir / "out" / "tiny_sampler"
