@@ -562,4 +562,7 @@ if __name__ == "__main__":
         if type(default) in (bool, int, float, str) and not (
                 type(v) is type(default) or (type(default) is float and type(v) is int)):
             sys.exit(f"bench.py {sys.argv[1]}: {k}={v!r} must be of type {type(default).__name__}, like its default {default!r}")
-    fn(**kwargs)
+    try:
+        fn(**kwargs)
+    except (ValueError, OSError) as e:  # a file missing or unreadable, a tokenizer not trained yet, ...
+        sys.exit(f"bench.py {sys.argv[1]}: {e}")

@@ -95,3 +95,10 @@ def test_an_unknown_argument_is_refused_in_one_line():
                             text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.strip() == \
         "bench.py kv_cache: n_tokens='abc' must be of type int, like its default 256"
+
+
+def test_a_missing_input_is_one_line(tmp_path):
+    result = subprocess.run([sys.executable, f"{REPO}/bench.py", "openers", "stories=nope.jsonl"], capture_output=True,
+                            text=True, timeout=60, cwd=tmp_path)  # and no tokenizer there either
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "bench.py openers: tokenizer tokenizers/sample.model does not exist; train one with tokenizer.py"
