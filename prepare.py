@@ -28,7 +28,7 @@ read_offsets, story_windows and window_tokens make the training windows that sta
 A story goes to val when the hash of its id falls under --val_fraction, so adding stories never
 moves an old one across splits. A dataset with a split of its own (the published test split) keeps
 it: --val_input goes to val.bin whole and --input to train.bin whole; a hub dataset
-(--input=hf:OWNER/NAME) does this by itself with its train and test (or validation) splits. Stories are streamed and encoded in chunks on all cores, so memory
+(--input=hf:OWNER/NAME) does this by itself with its train and test (or validation, valid, dev) splits. Stories are streamed and encoded in chunks on all cores, so memory
 stays flat whatever the corpus size. Everything is written under temporary names and renamed at
 the end: an interrupted run leaves the previous output (or none), never bins that look complete.
 """
@@ -71,6 +71,11 @@ def hub_val_input(input_spec):
 def prepare(input_spec, tokenizer_file, data_dir, val_fraction=0.05, chunk_stories=4096, val_input=None):
     """Tokenize the stories into data_dir; returns meta. With val_input, its stories make val.bin and
     input_spec's make train.bin; without, each story's split comes from the hash of its id."""
+    if val_input is not None:
+        both = {os.path.realpath(f) for f in input_files(input_spec)} & {os.path.realpath(f) for f in input_files(val_input)}
+        if both:  # its stories would go to train.bin as well as val.bin
+            raise ValueError(f"{sorted(both)[0]} is in both --input={input_spec} and --val_input={val_input}: move the "
+                             f"val stories out of the train input, or give it as a file or glob of the train files alone")
     tok = Tokenizer(tokenizer_file)
     if tok.vocab_size >= 65536:
         raise ValueError(f"{tokenizer_file} has {tok.vocab_size} pieces, too many for uint16 token files; train a tokenizer with --vocab_size below 65536")
@@ -355,5 +360,7 @@ if __name__ == "__main__":
         main()
     except ValueError as e:
         die(str(e))
+    except OSError as e:  # reading is checked in read_stories: a write failed (a full disk), and nothing was written
+        die(f"cannot write the bins: {e.strerror or e}; free some space, or choose another --data_dir")
     except KeyboardInterrupt:  # each file is written whole and then renamed into place, or not at all
         die("interrupted: run the same command again (no half-written bins are left for train.py to read)")

@@ -31,7 +31,7 @@ SP_SPACE = "\u2581"  # sentencepiece's whitespace symbol; a literal one in the t
 
 
 HUB = "hf:"  # the prefix of an input on the Hugging Face hub
-VAL_SPLITS = ("test", "validation")  # the hub split that goes to val.bin, the first one a dataset has
+VAL_SPLITS = ("test", "validation", "valid", "dev")  # the hub split that goes to val.bin: the first a dataset has
 
 
 def hub_splits(repo_id, flag="--input"):
@@ -50,7 +50,7 @@ def hub_splits(repo_id, flag="--input"):
     splits = {}
     for path in sorted(glob.glob(os.path.join(folder, "**", "*.parquet"), recursive=True)):
         parts = [re.split(r"[-_.]", part)[0] for part in os.path.relpath(path, folder).split(os.sep)]
-        split = next((p for p in parts if p in ("train", "test", "validation", "valid", "dev")), "train")
+        split = next((p for p in parts if p in ("train", *VAL_SPLITS)), "train")
         splits.setdefault(split, []).append(path)
     if not splits:
         raise ValueError(f"dataset {repo_id} on the Hugging Face hub has no parquet files; give {flag} a local copy")
@@ -72,7 +72,7 @@ def input_name(spec):
 
 def input_files(spec, flag="--input"):
     """Files named by spec: a file, a folder (its .jsonl, .parquet and .txt files, less what the pipeline writes beside
-    the stories: prepare.py's story index, the generator's dropped prompts), a glob pattern, or a
+    the stories: prepare.py's story index, the generator's dropped prompts), a glob pattern (less those too), or a
     dataset on the Hugging Face hub, 'hf:OWNER/NAME[:SPLIT]' (the train split unless another is named); flag is
     the script's flag for an input, which the errors name."""
     if spec.startswith(HUB):
@@ -83,12 +83,12 @@ def input_files(spec, flag="--input"):
                              f"name one as {flag}=hf:{repo_id}:SPLIT")
         return splits[split or "train"]
     if os.path.isdir(spec):
-        files = sorted(f for ext in ("jsonl", "parquet", "txt") for f in glob.glob(os.path.join(spec, f"*.{ext}"))
-                       if not f.endswith(NOT_STORIES))
-    elif any(c in spec for c in "*?["):
-        files = sorted(glob.glob(spec))
-    else:
+        files = sorted(f for ext in ("jsonl", "parquet", "txt")
+                       for f in glob.glob(os.path.join(glob.escape(spec), f"*.{ext}")) if not f.endswith(NOT_STORIES))
+    elif os.path.isfile(spec) or not any(c in spec for c in "*?["):  # a file named my[v2].jsonl is that file
         files = [spec]
+    else:
+        files = sorted(f for f in glob.glob(spec) if not f.endswith(NOT_STORIES))
     if not files:
         raise ValueError(f"no input files match {spec!r}; give a .jsonl, .parquet or .txt file, a folder of them, or a glob pattern")
     for f in files:
@@ -128,6 +128,8 @@ def story_labels(values, where):
         if value is None:
             continue
         wanted = int if key == "num_paragraphs" else str
+        if wanted is int and type(value) is float and value.is_integer():  # pandas stores an int column with nulls as floats
+            value = int(value)
         if type(value) is not wanted or not (is_text(value) if wanted is str else 0 <= value < 2**31):  # int32 column
             raise ValueError(f"{where}: label {key} is {value!r}, not "
                              f"{'a whole number from 0 to 2**31 - 1' if wanted is int else 'text'}")
@@ -145,76 +147,84 @@ def read_stories(spec, labels=False):
     read as LF.
     """
     for path in input_files(spec):
-        if path.endswith(".jsonl"):
-            with open(path, "rb") as f:
-                for line_no, raw in enumerate(f, 1):
-                    if not raw.strip():
-                        continue
-                    try:
-                        record = json.loads(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))
-                    except UnicodeDecodeError:
-                        raise ValueError(f"{path} line {line_no}: not UTF-8 text; re-encode the file as UTF-8") from None
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); fix or delete that line") from None
-                    if not isinstance(record, dict) or not isinstance(record.get("story"), str):
-                        raise ValueError(f"{path} line {line_no}: record has no text field 'story'; each line must be a JSON object with a 'story' string")
-                    sid = str(record.get("id") or "")
-                    if not is_text(record["story"]) or not is_text(sid):
-                        raise ValueError(f"{path} line {line_no}: its story or id holds a lone surrogate (an escape in "
-                                         f"\\ud800-\\udfff without its pair), which is not text; fix or delete that line")
-                    sid = sid or story_id(record["story"])
-                    if labels:
-                        yield sid, record["story"], story_labels(record, f"{path} line {line_no}")
-                    else:
-                        yield sid, record["story"]
-        elif path.endswith(".parquet"):
-            import pyarrow as pa  # only needed for the published parquet shards
-            import pyarrow.parquet as pq
+        try:
+            yield from stories_in(path, labels)
+        except OSError as e:  # a disk or network file system that fails while the file is read
+            raise ValueError(f"{path}: cannot read it ({e.strerror or e}); check the file and run again") from None
 
-            try:  # a file cut short or not parquet at all is found on opening it or on reading a row group
-                shard = pq.ParquetFile(path)
-                names = shard.schema_arrow.names
-                if "story" not in names:
-                    raise ValueError(f"{path}: no column 'story' (columns: {', '.join(names)})")
-                story_type = shard.schema_arrow.field("story").type
-                if not (pa.types.is_string(story_type) or pa.types.is_large_string(story_type)):
-                    raise ValueError(f"{path}: column 'story' holds {story_type}, not strings")
-                columns = ["story"] + (["id"] if "id" in names else []) + ([k for k in LABELS if k in names] if labels else [])
-                row = 0
-                for batch in shard.iter_batches(columns=columns, batch_size=8192):
-                    data = batch.to_pydict()
-                    stories, ids = data["story"], data.get("id") or [None] * batch.num_rows
-                    for j, (i, text) in enumerate(zip(ids, stories)):
-                        if text is None:
-                            continue
-                        sid = str(i or story_id(text))
-                        if labels:
-                            yield sid, text, story_labels({k: data[k][j] for k in LABELS if k in data}, f"{path} row {row + j}")
-                        else:
-                            yield sid, text
-                    row += batch.num_rows
-            except (pa.ArrowException, OSError) as e:
-                raise ValueError(f"{path}: not a readable parquet file ({e}); replace it with a whole copy") from None
-        else:
-            with open(path, "rb") as f:
-                lines = []
-                for line_no, raw in enumerate(f, 1):
-                    try:
-                        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-                    except UnicodeDecodeError:
-                        raise ValueError(f"{path} line {line_no}: not UTF-8 text; re-encode the file as UTF-8") from None
-                    if line.endswith("\r\n"):
-                        line = line[:-2] + "\n"
-                    if line.strip() == TEXT_SEPARATOR:
-                        text = "".join(lines).strip("\n")
-                        if text:
-                            yield (story_id(text), text, {}) if labels else (story_id(text), text)
-                        lines = []
+
+def stories_in(path, labels):
+    """read_stories for one file."""
+    if path.endswith(".jsonl"):
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    record = json.loads(raw.decode("utf-8-sig" if line_no == 1 else "utf-8"))
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path} line {line_no}: not UTF-8 text; re-encode the file as UTF-8") from None
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); fix or delete that line") from None
+                if not isinstance(record, dict) or not isinstance(record.get("story"), str):
+                    raise ValueError(f"{path} line {line_no}: record has no text field 'story'; each line must be a JSON object with a 'story' string")
+                sid = "" if record.get("id") is None else str(record["id"])  # an id of 0 is an id
+                if not is_text(record["story"]) or not is_text(sid):
+                    raise ValueError(f"{path} line {line_no}: its story or id holds a lone surrogate (an escape in "
+                                     f"\\ud800-\\udfff without its pair), which is not text; fix or delete that line")
+                sid = sid or story_id(record["story"])
+                if labels:
+                    yield sid, record["story"], story_labels(record, f"{path} line {line_no}")
+                else:
+                    yield sid, record["story"]
+    elif path.endswith(".parquet"):
+        import pyarrow as pa  # only needed for the published parquet shards
+        import pyarrow.parquet as pq
+
+        try:  # a file cut short or not parquet at all is found on opening it or on reading a row group
+            shard = pq.ParquetFile(path)
+            names = shard.schema_arrow.names
+            if "story" not in names:
+                raise ValueError(f"{path}: no column 'story' (columns: {', '.join(names)})")
+            story_type = shard.schema_arrow.field("story").type
+            if not (pa.types.is_string(story_type) or pa.types.is_large_string(story_type)):
+                raise ValueError(f"{path}: column 'story' holds {story_type}, not strings")
+            columns = ["story"] + (["id"] if "id" in names else []) + ([k for k in LABELS if k in names] if labels else [])
+            row = 0
+            for batch in shard.iter_batches(columns=columns, batch_size=8192):
+                data = batch.to_pydict()
+                stories, ids = data["story"], data.get("id") or [None] * batch.num_rows
+                for j, (i, text) in enumerate(zip(ids, stories)):
+                    if text is None:
+                        continue
+                    sid = story_id(text) if i is None or i == "" else str(i)
+                    if labels:
+                        yield sid, text, story_labels({k: data[k][j] for k in LABELS if k in data}, f"{path} row {row + j}")
                     else:
-                        lines.append(line)
-                text = "".join(lines).strip("\n")
-                if text:
-                    yield (story_id(text), text, {}) if labels else (story_id(text), text)
+                        yield sid, text
+                row += batch.num_rows
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: not a readable parquet file ({e}); replace it with a whole copy") from None
+    else:
+        with open(path, "rb") as f:
+            lines = []
+            for line_no, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                except UnicodeDecodeError:
+                    raise ValueError(f"{path} line {line_no}: not UTF-8 text; re-encode the file as UTF-8") from None
+                if line.endswith("\r\n"):
+                    line = line[:-2] + "\n"
+                if line.strip() == TEXT_SEPARATOR:
+                    text = "".join(lines).strip("\n")
+                    if text:
+                        yield (story_id(text), text, {}) if labels else (story_id(text), text)
+                    lines = []
+                else:
+                    lines.append(line)
+            text = "".join(lines).strip("\n")
+            if text:
+                yield (story_id(text), text, {}) if labels else (story_id(text), text)
 
 
 class Tokenizer:
@@ -244,7 +254,11 @@ class Tokenizer:
         except RuntimeError:
             raise ValueError(f"{model_file} is not a sentencepiece model; train one with tokenizer.py") from None
         self.vocab_size = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
+        if self.sp.eos_id() < 0:
+            raise ValueError(f"{model_file} has no end-of-text piece (eos_id -1); train one with tokenizer.py")
+        # a model without BOS starts a story after EOS, as the WordPiece tokenizers below do
+        self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else self.eos_id
         # a literal U+2581 would come back as a space, so it is spelled as its three UTF-8 bytes
         self._sp_space_bytes = [self.sp.piece_to_id(f"<0x{b:02X}>") for b in SP_SPACE.encode("utf-8")]
 

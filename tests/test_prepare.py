@@ -15,7 +15,7 @@ import sentencepiece
 
 import prepare
 import tokenizer
-from conftest import SAMPLE, one_error_line, run
+from conftest import REPO, SAMPLE, one_error_line, run
 from tokenizer import LABELS, Tokenizer, read_stories
 
 
@@ -175,6 +175,24 @@ def test_val_input_makes_val_whole(workdir, tmp_path):
     for split, file in (("train", "train.jsonl"), ("val", "test.jsonl")):
         assert decoded_stories(tmp_path / "out", split, tok) == [t for _, t in read_stories(str(tmp_path / file))]
     assert meta["val_input"] == str(tmp_path / "test.jsonl") and meta["val_fraction"] is None
+    # a folder --input that holds the --val_input file: its stories would be in train.bin too
+    with pytest.raises(ValueError, match=r"test.jsonl is in both --input=.* and --val_input=.*: move the val stories"):
+        prepare.prepare(str(tmp_path), tok.model_file, str(tmp_path / "out2"), val_input=str(tmp_path / "test.jsonl"))
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(workdir, tmp_path):
+    import resource
+    import subprocess
+
+    def small_files():  # a file may grow to 50 KB, and train.bin is larger: the write fails as on a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (50_000, 50_000))
+
+    result = subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), f"--input={SAMPLE}", "--data_dir=out",
+                             f"--tokenizer={workdir / 'tokenizers' / 'sample.model'}"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120, preexec_fn=small_files)
+    assert "cannot write the bins" in one_error_line(result) and "choose another --data_dir" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 def hub_cache(root, repo_id, shards):

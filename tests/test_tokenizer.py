@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import SAMPLE, one_error_line, run
-from tokenizer import Tokenizer, read_stories, train
+from tokenizer import Tokenizer, input_files, read_stories, train
 
 AWKWARD = [
     "\u201cCurly quotes,\u201d she said \u2014 and \u2018single\u2019 ones\u2026",
@@ -108,6 +108,69 @@ def test_a_folder_of_stories_leaves_out_what_the_pipeline_writes_beside_them(wor
         assert result.returncode == 0, result.stderr
     assert json.load(open(tmp_path / "meta.json"))["val"]["stories"] + json.load(open(tmp_path / "meta.json"))[
         "train"]["stories"] == 350
+    # a glob leaves them out too
+    assert input_files(str(tmp_path / "*.jsonl")) == [str(tmp_path / "stories.jsonl")]
+    with pytest.raises(ValueError, match="no input files match"):  # train.stories.parquet and val.stories.parquet
+        input_files(str(tmp_path / "*.parquet"))
+
+
+def test_a_file_or_folder_whose_name_looks_like_a_glob_is_that_file_or_folder(tmp_path):
+    lines = open(SAMPLE).readlines()
+    (tmp_path / "my[v2].jsonl").write_text("".join(lines[:40]))
+    (tmp_path / "myv.jsonl").write_text("".join(lines[:3]))  # what the pattern my[v2].jsonl matches
+    assert len(list(read_stories(str(tmp_path / "my[v2].jsonl")))) == 40
+    (tmp_path / "run[1]").mkdir()
+    (tmp_path / "run[1]" / "stories.jsonl").write_text("".join(lines[:5]))
+    assert len(list(read_stories(str(tmp_path / "run[1]")))) == 5
+
+
+def test_ids_and_labels_as_other_writers_store_them(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    # an id of 0 is that id, not a hash of the text
+    (tmp_path / "ids.jsonl").write_text("".join(json.dumps({"id": i, "story": f"Story {i}."}) + "\n" for i in range(3)))
+    assert [sid for sid, _ in read_stories(str(tmp_path / "ids.jsonl"))] == ["0", "1", "2"]
+    pq.write_table(pa.table({"id": [0, 1], "story": ["A.", "B."]}), tmp_path / "ids.parquet")
+    assert [sid for sid, _ in read_stories(str(tmp_path / "ids.parquet"))] == ["0", "1"]
+    # pandas writes an int column with a null as floats: 3.0 is 3
+    pq.write_table(pa.table({"story": ["A.", "B."], "num_paragraphs": [3.0, None]}), tmp_path / "floats.parquet")
+    assert [labels for *_, labels in read_stories(str(tmp_path / "floats.parquet"), labels=True)] == [
+        {"num_paragraphs": 3}, {}]
+    pq.write_table(pa.table({"story": ["A."], "num_paragraphs": [2.5]}), tmp_path / "half.parquet")
+    with pytest.raises(ValueError, match="label num_paragraphs is 2.5, not a whole number"):
+        list(read_stories(str(tmp_path / "half.parquet"), labels=True))
+
+
+def test_a_file_that_fails_while_it_is_read_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "s.jsonl").write_text(open(SAMPLE).read())
+    real_open = open
+
+    def failing_open(path, *args, **kwargs):
+        if str(path).endswith("s.jsonl"):
+            raise OSError(5, "Input/output error")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(ValueError, match=r"s.jsonl: cannot read it \(Input/output error\); check the file"):
+        list(read_stories(str(tmp_path / "s.jsonl")))
+
+
+def test_a_sentencepiece_model_without_bos_or_eos(tmp_path):
+    import io
+
+    import sentencepiece as spm
+
+    text = open(SAMPLE).read()
+    for bos, eos, name in ((-1, 2, "nobos"), (1, -1, "noeos")):
+        proto = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(text.splitlines()), model_writer=proto, vocab_size=300,
+                                       unk_id=0, bos_id=bos, eos_id=eos, pad_id=-1, minloglevel=2)
+        (tmp_path / f"{name}.model").write_bytes(proto.getvalue())
+    tok = Tokenizer(str(tmp_path / "nobos.model"))  # a story starts after EOS, as with the WordPiece tokenizers
+    assert tok.bos_id == tok.eos_id >= 0 and tok.encode("Hi", bos=True)[0] == tok.eos_id
+    with pytest.raises(ValueError, match="noeos.model has no end-of-text piece"):
+        Tokenizer(str(tmp_path / "noeos.model"))
 
 
 @pytest.mark.parametrize("bad_line, message", [(b"{not json\n", "line 41: not valid JSON"),
