@@ -545,4 +545,6 @@ def data_plots(eval_dir, results):
         fig.suptitle("label balance: each value's share, sorted; dotted: every value equally often", fontsize=9)
         fig.tight_layout()
         paths.append(save_figure(fig, os.path.join(eval_dir, "labels.png")))
+    elif os.path.exists(os.path.join(eval_dir, "labels.png")):  # an earlier report's, of other data
+        os.remove(os.path.join(eval_dir, "labels.png"))
     return paths

@@ -431,6 +431,9 @@ def test_data_report_matches_a_naive_exact_computation(tmp_path):
     assert f"| stories | {len(records)} | 12 |" in markdown and '"once upon a" 100.0%' in markdown
     for png in ("zipf.png", "lengths.png", "labels.png"):
         assert open(tmp_path / "report" / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # a report of data without labels, in the same folder, leaves no labels.png of the data before
+    evaluate.main([f"--data={tiny_text}", f"--eval_dir={tmp_path / 'report'}"])
+    assert not (tmp_path / "report" / "labels.png").exists() and (tmp_path / "report" / "zipf.png").exists()
 
 
 def test_sketches_past_their_exact_range():
