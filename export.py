@@ -250,8 +250,13 @@ def read_llama(hf_dir):
         except (SafetensorError, OSError) as e:
             raise ValueError(f"cannot read {os.path.join(hf_dir, f)} ({e}): it is corrupt or cut short; download "
                              f"or export it again") from None
-    if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state.get("model.embed_tokens.weight")):
+    if "model.embed_tokens.weight" not in state:
+        raise ValueError(f"{hf_dir} is not a model of our family: it holds no model.embed_tokens.weight")
+    if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"]):
         raise ValueError(f"{hf_dir} is not a model of our family: its input and output embeddings differ (our GPT ties them)")
+    if "lm_head.weight" not in state and not config.get("tie_word_embeddings", False):  # transformers' default
+        raise ValueError(f"{hf_dir} holds no lm_head.weight and its config.json does not tie it to the input embedding "
+                         f"(tie_word_embeddings): transformers would load it with a random output embedding")
     ours = our_state_dict({k: v.float() for k, v in state.items()})
     if model_config.norm == "none":  # each norm x * w * rsqrt(eps): a FixedNorm of weight w * rsqrt(eps), scale 1,
         for key in [k for k in ours if k.endswith("norm.weight")]:  # so the weights are on a scale training can move

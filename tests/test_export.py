@@ -160,6 +160,17 @@ def test_untied_output_embedding_is_refused_unless_equal(exported, tmp_path):
     assert run("sample.py", f"--hf_dir={tmp_path / 'equal'}", "--max_new_tokens=5", cwd=tmp_path).returncode == 0
     line = one_error_line(run("sample.py", f"--hf_dir={tmp_path / 'other'}", cwd=tmp_path))
     assert "input and output embeddings differ" in line
+    # an output embedding alone, or none in a folder whose config.json leaves it untied
+    shutil.copytree(exported / "hf", tmp_path / "renamed")
+    save_file({("lm_head.weight" if k == "model.embed_tokens.weight" else k): v for k, v in state.items()},
+              tmp_path / "renamed" / "model.safetensors", metadata={"format": "pt"})
+    line = one_error_line(run("sample.py", f"--hf_dir={tmp_path / 'renamed'}", cwd=tmp_path))
+    assert "holds no model.embed_tokens.weight" in line
+    shutil.copytree(exported / "hf", tmp_path / "untied")
+    config = json.load(open(tmp_path / "untied" / "config.json"))
+    json.dump({**config, "tie_word_embeddings": False}, open(tmp_path / "untied" / "config.json", "w"))
+    line = one_error_line(run("sample.py", f"--hf_dir={tmp_path / 'untied'}", cwd=tmp_path))
+    assert "holds no lm_head.weight and its config.json does not tie it" in line
 
 
 def published_folder(root):
