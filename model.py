@@ -277,7 +277,9 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            # the sum over the counted targets, as LinearCrossEntropy does: 0, not NaN, when none is counted
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction="sum") / (targets != -1).sum().clamp(min=1)
         return logits, loss
 
     def hidden_states(self, idx, cache=None):

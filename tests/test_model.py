@@ -182,6 +182,14 @@ def test_top_k_and_top_p_filter():
     assert set(sample_next(flat, 1.0, 0, 0.0, torch.Generator().manual_seed(0)).tolist()) == {2}
 
 
+def test_loss_with_no_target_counted_is_zero_with_or_without_gradients():
+    model = small_model()
+    idx, ignored = torch.zeros(2, 8, dtype=torch.long), torch.full((2, 8), -1)
+    assert model(idx, ignored)[1].item() == 0.0
+    with torch.no_grad():
+        assert model(idx, ignored)[1].item() == 0.0
+
+
 def test_context_limit():
     model = small_model()
     with pytest.raises(ValueError, match="n_ctx"):
