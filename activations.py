@@ -50,6 +50,7 @@ import hashlib
 import json
 import os
 import time
+from dataclasses import asdict
 
 import numpy as np
 
@@ -311,8 +312,7 @@ def main(argv=None):
         c = model.config
         manifest = {
             "checkpoint": {path: sha256_of(path) for path in model_files(args)},
-            "model_config": {k: getattr(c, k) for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp",
-                                                        "n_ctx", "d_vocab", "rope_base", "norm_eps")},
+            "model_config": asdict(c),  # norm among them: 'none' for a model whose norms were removed
             "data_dir": data_dir, "split": args.split, "tokenizer_sha256": meta["tokenizer_sha256"],
             "sites": {s: {"hook": SITES[s.split(".")[0]][0].format(L=s.split(".")[1]),
                           "shape": list(site_shape(s, c))} for s in sites},

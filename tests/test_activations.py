@@ -124,6 +124,7 @@ def test_rows_are_the_tokens_of_the_bin_with_their_story_and_position(recorded):
     assert manifest["checkpoint"] == {"out/tiny_act/ckpt.pt": hashlib.sha256(ckpt.read_bytes()).hexdigest()}
     assert manifest["n_tokens"] == len(bin_tokens) and manifest["n_stories"] == index.num_rows
     assert manifest["model_config"]["n_ctx"] == N_CTX and manifest["split"] == "val"
+    assert manifest["model_config"]["norm"] == "rms"  # a norm-free model's says 'none'
     assert [s["rows"] for s in manifest["shards"]] == [min(1024, len(bin_tokens) - r) for r in range(0, len(bin_tokens), 1024)]
     assert sorted(os.listdir(recorded)) == ["activations.json", *(s["file"] for s in manifest["shards"]), "stories.parquet"]
 
