@@ -10,7 +10,7 @@ Usage (arguments of a benchmark's function may follow: python bench.py sampling 
   python bench.py mlp_width    # a training step with d_mlp = int(8 d_model / 3) against it rounded up to a multiple of 64
   python bench.py openers      # tokens per word at story and paragraph starts against elsewhere (no timing)
   python bench.py sampling     # generate() against transformers' generate, batch 1 and 32, 400 new tokens
-  python bench.py profile      # the ops a compiled training step spends its time in (config=35m device=cuda batch_size=256)
+  python bench.py profile      # the ops a compiled training step spends its time in (e.g. config=35m device=cuda batch_size=256)
   python bench.py gpu          # on a GPU: train.py on every suite config (tokens/s, MFU, memory, start-up, data wait),
                                # torchrun, CUDA graphs, MLP width, Muon, then sampling on the GPU
 """

@@ -8,7 +8,7 @@
     python evaluate.py --data=data/sample/stories.jsonl --data=tinystories.txt    # data report, side by side
 
 Each mode writes a JSON report, the same numbers as a markdown table, and PNG plots (when matplotlib is
-installed) to --eval_dir: <out_dir>/eval for a model, out/<name>/eval for a Hugging Face folder
+installed) to --eval_dir: <out_dir>/eval for a model, out/<name>/eval_hf for a Hugging Face folder
 hf/<name> (export.py's, or a published SimpleStories model: give --dataset, bins that prepare.py made with
 the folder's tokenizer.json), out/data_report for datasets.
 
@@ -254,7 +254,7 @@ def loss_mode(args):
 
     model, tok, device, data_dir, meta, index = load_run(args)
     present = [k for k in LABELS if k in index.column_names and index[k].null_count < index.num_rows]
-    wanted = [k.strip() for k in args.labels.split(",") if k.strip()] if args.labels else present
+    wanted = list(dict.fromkeys(k.strip() for k in args.labels.split(",") if k.strip())) if args.labels else present
     for k in wanted:
         if k not in LABELS:
             raise ValueError(f"--labels: no label {k!r}; the labels are {', '.join(LABELS)}")
@@ -394,6 +394,14 @@ def loss_plots(eval_dir, by_label, by_position, n_ctx, stride, title):
 # the command line
 
 
+# the flags of one mode, refused in the others
+MODEL_FLAGS = ("dataset", "split", "batch_size", "stride", "labels")
+JUDGE_FLAGS = ("n_prompts", "prompt_words", "temperature", "top_k", "max_new_tokens", "judge_model", "base_url",
+               "response_format", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "max_unusable",
+               "price_in", "price_out")
+DATA_FLAGS = ("max_stories", "sample_size", "readability_sample", "jaccard")
+
+
 def parse_args(argv=None):
     p = Parser(__doc__, "evaluate.py")
     g = p.add_argument_group("a model (the loss by story, and the judge)")
@@ -402,7 +410,7 @@ def parse_args(argv=None):
     g.add_argument("--step", type=int, default=None, help="the snapshot of this step of --out_dir (train.py --keep_checkpoints)")
     g.add_argument("--dataset", default="", help="evaluate on data/<dataset> (default: the dataset the model trained on)")
     g.add_argument("--split", default="val", choices=("val", "train"), help="the bins' split to evaluate on")
-    g.add_argument("--eval_dir", default="", help="where the reports go (default: <out_dir>/eval, out/<name>/eval for --hf_dir, or out/data_report)")
+    g.add_argument("--eval_dir", default="", help="where the reports go (default: <out_dir>/eval, out/<name>/eval_hf for --hf_dir, or out/data_report)")
     g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     g.add_argument("--batch_size", type=int, default=16, help="sequences scored or sampled at a time")
     g.add_argument("--stride", type=int, default=0, help="tokens a window moves along a story longer than n_ctx (0: n_ctx/2)")
@@ -449,6 +457,14 @@ def parse_args(argv=None):
         die(f"--step={args.step} picks a snapshot of --out_dir's run: give --out_dir and a step of 0 or more")
     if args.dry_run and not args.judge:
         die("--dry_run goes with --judge: it prints the judge prompt and the cost")
+    given = [k for k in vars(args) if getattr(args, k) != p.get_default(k)]  # a flag of another mode is refused,
+    for flag in given:  # not ignored
+        if flag in JUDGE_FLAGS and not args.judge:
+            die(f"--{flag} goes with --judge, which grades the model's completions; add --judge or drop it")
+        if flag in MODEL_FLAGS and args.data:
+            die(f"--{flag} goes with a model's evaluation (--out_dir or --hf_dir), not a data report (--data)")
+        if flag in DATA_FLAGS and not args.data:
+            die(f"--{flag} goes with a data report (--data), not a model's evaluation")
     for name in ("batch_size", "n_prompts", "max_new_tokens", "concurrency", "max_unusable", "sample_size"):
         if getattr(args, name) < 1:
             die(f"--{name}={getattr(args, name)} must be at least 1")
@@ -469,7 +485,8 @@ def parse_args(argv=None):
             die(f"--{name}={value} must be a finite number, 0 or more")
     if not args.eval_dir:
         if args.hf_dir:  # not inside the model's folder, which may be uploaded whole
-            args.eval_dir = os.path.join("out", os.path.basename(os.path.normpath(args.hf_dir)), "eval")
+            # eval_hf: beside, not over, the reports of a run of the same name (export.py --out_dir=out/5m --hf_dir=hf/5m)
+            args.eval_dir = os.path.join("out", os.path.basename(os.path.normpath(args.hf_dir)), "eval_hf")
         else:
             args.eval_dir = os.path.join(args.out_dir, "eval") if args.out_dir else os.path.join("out", "data_report")
             if args.step is not None:  # beside the final model's reports, not over them

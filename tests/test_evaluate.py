@@ -142,6 +142,11 @@ def test_loss_report_by_label_length_and_position(tiny):
     assert "| theme |" in markdown and "95% t-interval" in markdown
     for png in ("loss_by_label.png", "loss_by_position.png"):
         assert open(out / png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # a label named twice is reported once
+    result = run("evaluate.py", "--out_dir=out/tiny", "--labels=theme,theme", "--eval_dir=out/tiny/eval_theme", cwd=tiny)
+    assert result.returncode == 0, result.stderr
+    twice = json.load(open(tiny / "out" / "tiny" / "eval_theme" / "loss.json"))["rows"]
+    assert sum(r["group"] == "theme" for r in twice) == len(set(index["theme"].to_pylist()))
 
 
 def test_loss_mode_refuses_bad_inputs_in_one_line(tiny, tmp_path, monkeypatch):
@@ -153,6 +158,10 @@ def test_loss_mode_refuses_bad_inputs_in_one_line(tiny, tmp_path, monkeypatch):
     assert "one of the three" in error_of(["--out_dir=out/tiny", "--data=data/sample/stories.jsonl"])
     assert "one of the three" in error_of(["--out_dir=out/tiny", "--hf_dir=hf/tiny"])
     assert "--dry_run goes with --judge" in error_of(["--out_dir=out/tiny", "--dry_run"])
+    # a flag of another mode is refused, not ignored
+    assert "--max_stories goes with a data report" in error_of(["--out_dir=out/tiny", "--max_stories=3"])
+    assert "--labels goes with a model's evaluation" in error_of(["--data=data/sample/stories.jsonl", "--labels=theme"])
+    assert "--judge_model goes with --judge" in error_of(["--out_dir=out/tiny", "--judge_model=gpt-4o"])
     # bins of another tokenizer, bins made before the story index, and val stories without labels
     for name in ("other", "old", "text"):
         shutil.copytree("data/sample", tmp_path / name)

@@ -229,7 +229,7 @@ def test_published_layout_runs_through_sample_and_evaluate(tmp_path):
     assert "give --dataset=NAME" in one_error_line(run("evaluate.py", f"--hf_dir={tmp_path / 'published'}", cwd=tmp_path))
     result = run("evaluate.py", f"--hf_dir={tmp_path / 'published'}", "--dataset=published", "--batch_size=32", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    report = json.load(open(tmp_path / "out" / "published" / "eval" / "loss.json"))
+    report = json.load(open(tmp_path / "out" / "published" / "eval_hf" / "loss.json"))  # not over a run's eval/
     meta = json.load(open(tmp_path / "data" / "published" / "meta.json"))
     assert report["stories"] == meta["val"]["stories"] and report["n_ctx"] == 2048
     assert report["predicted_tokens"] == meta["val"]["tokens"] - meta["val"]["stories"]
