@@ -396,6 +396,7 @@ def loss_plots(eval_dir, by_label, by_position, n_ctx, stride, title):
 
 # the flags of one mode, refused in the others
 MODEL_FLAGS = ("dataset", "split", "batch_size", "stride", "labels")
+LOSS_FLAGS = ("stride", "labels")  # of a model's loss report, not of its judge
 JUDGE_FLAGS = ("n_prompts", "prompt_words", "temperature", "top_k", "max_new_tokens", "judge_model", "base_url",
                "response_format", "concurrency", "rpm", "tpm", "timeout", "max_retries", "backoff", "max_unusable",
                "price_in", "price_out")
@@ -463,6 +464,8 @@ def parse_args(argv=None):
             die(f"--{flag} goes with --judge, which grades the model's completions; add --judge or drop it")
         if flag in MODEL_FLAGS and args.data:
             die(f"--{flag} goes with a model's evaluation (--out_dir or --hf_dir), not a data report (--data)")
+        if flag in LOSS_FLAGS and args.judge:
+            die(f"--{flag} goes with the loss report, not with --judge; run them as two commands")
         if flag in DATA_FLAGS and not args.data:
             die(f"--{flag} goes with a data report (--data), not a model's evaluation")
     for name in ("batch_size", "n_prompts", "max_new_tokens", "concurrency", "max_unusable", "sample_size"):

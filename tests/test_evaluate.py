@@ -162,6 +162,7 @@ def test_loss_mode_refuses_bad_inputs_in_one_line(tiny, tmp_path, monkeypatch):
     assert "--max_stories goes with a data report" in error_of(["--out_dir=out/tiny", "--max_stories=3"])
     assert "--labels goes with a model's evaluation" in error_of(["--data=data/sample/stories.jsonl", "--labels=theme"])
     assert "--judge_model goes with --judge" in error_of(["--out_dir=out/tiny", "--judge_model=gpt-4o"])
+    assert "--stride goes with the loss report, not with --judge" in error_of(["--out_dir=out/tiny", "--judge", "--stride=8"])
     # bins of another tokenizer, bins made before the story index, and val stories without labels
     for name in ("other", "old", "text"):
         shutil.copytree("data/sample", tmp_path / name)
