@@ -218,8 +218,10 @@ async def run_batch(client, args, axes, names, out, progress):
     for entry in in_flight:  # no longer needed (a rerun with a smaller --n_stories): stop paying for those running
         try:
             batch_id = entry["batch_id"] or await with_retries(lambda: made_from(entry), args, progress)
-            if batch_id and (await with_retries(lambda: client.batches.retrieve(batch_id), args, progress)).status \
-                    not in DONE:
+            if batch_id is None:  # its create never made it
+                continue
+            batch = await with_retries(lambda: client.batches.retrieve(batch_id), args, progress)
+            if batch.status not in DONE:
                 await with_retries(lambda: client.batches.cancel(batch_id), args, progress)
                 progress.stats["batches cancelled"] += 1
         except FatalError as e:

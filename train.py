@@ -244,7 +244,9 @@ if checkpoint is not None and checkpoint["meta"] is None:  # imported by export.
             f"{checkpoint['tokenizer']['file']}")
 elif checkpoint is not None:  # the bins it trained on, not others made since under the same name
     was, now = data_identity(checkpoint["meta"]), data_identity(meta)
-    short = lambda v: v[:12] if isinstance(v, str) else v  # noqa: E731  (a sha256's first 12 digits tell it)
+    def short(v):  # a sha256's first 12 digits tell it
+        return v[:12] if isinstance(v, str) else v
+
     changed = [f"{k} {short(was[k])} -> {short(now[k])}" for k in was if k in now and was[k] != now[k]]
     if changed:
         die(f"{data_dir} was prepared again since {ckpt_path} was written ({', '.join(changed)}); a resume needs the bins "
