@@ -143,8 +143,9 @@ def read_stories(spec, labels=False):
 
     Bad input (a line that is not JSON, a record without a text 'story', bytes that are not UTF-8, a parquet
     'story' column that is not strings, with labels=True a label of the wrong type) raises ValueError naming the
-    file and line. A UTF-8 byte order mark at the start of a file is skipped, and a .txt file's CRLF line ends
-    read as LF.
+    file and line. A story that is empty or only whitespace (or a parquet null) is skipped, in every format: it
+    would train on BOS EOS alone. A UTF-8 byte order mark at the start of a file is skipped, and a .txt file's
+    CRLF line ends read as LF.
     """
     for path in input_files(spec):
         try:
@@ -168,6 +169,8 @@ def stories_in(path, labels):
                     raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg}); fix or delete that line") from None
                 if not isinstance(record, dict) or not isinstance(record.get("story"), str):
                     raise ValueError(f"{path} line {line_no}: record has no text field 'story'; each line must be a JSON object with a 'story' string")
+                if not record["story"].strip():
+                    continue
                 sid = "" if record.get("id") is None else str(record["id"])  # an id of 0 is an id
                 if not is_text(record["story"]) or not is_text(sid):
                     raise ValueError(f"{path} line {line_no}: its story or id holds a lone surrogate (an escape in "
@@ -195,7 +198,7 @@ def stories_in(path, labels):
                 data = batch.to_pydict()
                 stories, ids = data["story"], data.get("id") or [None] * batch.num_rows
                 for j, (i, text) in enumerate(zip(ids, stories)):
-                    if text is None:
+                    if text is None or not text.strip():
                         continue
                     sid = story_id(text) if i is None or i == "" else str(i)
                     if labels:
@@ -217,13 +220,13 @@ def stories_in(path, labels):
                     line = line[:-2] + "\n"
                 if line.strip() == TEXT_SEPARATOR:
                     text = "".join(lines).strip("\n")
-                    if text:
+                    if text.strip():
                         yield (story_id(text), text, {}) if labels else (story_id(text), text)
                     lines = []
                 else:
                     lines.append(line)
             text = "".join(lines).strip("\n")
-            if text:
+            if text.strip():
                 yield (story_id(text), text, {}) if labels else (story_id(text), text)
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from conftest import SAMPLE, one_error_line, run
-from tokenizer import Tokenizer, input_files, read_stories, train
+from tokenizer import TEXT_SEPARATOR, Tokenizer, input_files, read_stories, train
 
 AWKWARD = [
     "\u201cCurly quotes,\u201d she said \u2014 and \u2018single\u2019 ones\u2026",
@@ -140,6 +140,17 @@ def test_ids_and_labels_as_other_writers_store_them(tmp_path):
     pq.write_table(pa.table({"story": ["A."], "num_paragraphs": [2.5]}), tmp_path / "half.parquet")
     with pytest.raises(ValueError, match="label num_paragraphs is 2.5, not a whole number"):
         list(read_stories(str(tmp_path / "half.parquet"), labels=True))
+
+
+def test_a_blank_story_is_skipped_in_every_format(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps({"story": s, "theme": "Joy"}) + "\n" for s in ["A.", "", " \n\n ", "B."]))
+    pq.write_table(pa.table({"story": ["A.", "", None, "\t", "B."]}), tmp_path / "s.parquet")
+    (tmp_path / "s.txt").write_text(f"A.\n{TEXT_SEPARATOR}\n  \n{TEXT_SEPARATOR}\nB.\n{TEXT_SEPARATOR}\n \n")
+    for name in ("s.jsonl", "s.parquet", "s.txt"):
+        assert [text for _, text, _ in read_stories(str(tmp_path / name), labels=True)] == ["A.", "B."], name
 
 
 def test_a_file_that_fails_while_it_is_read_is_one_line(tmp_path, monkeypatch):
