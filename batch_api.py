@@ -4,8 +4,9 @@ Request files of up to 50,000 requests are uploaded and run as batches, several 
 batches are parsed into the same output as a live run, and the requests that failed are sent again.
 The batches in flight are listed in <out>.batches.json, so a command started again polls them instead
 of paying twice (or cancels them, when the output holds the stories asked for already), and a create
-tried again (its answer lost) first looks for the batch it may have made. Any status other than DONE's
-is a batch still running, polled until an hour past its completion window.
+tried again (its answer lost) first looks for the batch it may have made, and cancels one made only after
+it looked. Any status other than DONE's is a batch still running, polled until an hour past its
+completion window.
 While the output holds no story, one probe batch of at most PROBE_REQUESTS requests is all that is in
 flight: a setup whose answers are all unusable costs that much, not batches of 50,000.
 """
@@ -58,9 +59,19 @@ async def run_batch(client, args, axes, names, out, progress):
             os.remove(state_path)
 
     async def made_from(entry):
-        """The id of a batch made from entry's request file, or None."""
+        """The batches made from entry's request file, newest first."""
         recent = await client.batches.list(limit=100)
-        return next((b.id for b in recent.data if b.input_file_id == entry["input_file_id"]), None)
+        return [b for b in recent.data if b.input_file_id == entry["input_file_id"]]
+
+    unsure = set()  # request files whose create was tried again after a lookup: the lost one may be made late
+
+    async def cancel_twins(entry):
+        """Cancel the batches made from entry's request file other than entry's own. A create whose answer was
+        lost can be made on the server after the lookup that preceded the next try; left running, it is paid twice."""
+        for batch in await with_retries(lambda: made_from(entry), args, progress):
+            if batch.id != entry["batch_id"] and batch.status not in (*DONE, "cancelling"):
+                await with_retries(lambda: client.batches.cancel(batch.id), args, progress)
+                progress.stats["batches made twice, cancelled"] += 1
 
     async def start(entry, maybe_made=False):
         """Create the batch of an uploaded request file and save its id. Before each try but the first (and before
@@ -72,7 +83,8 @@ async def run_batch(client, args, axes, names, out, progress):
             if maybe_made:
                 found = await made_from(entry)
                 if found:
-                    return found
+                    return found[0].id
+                unsure.add(entry["input_file_id"])
             maybe_made = True
             batch = await client.batches.create(input_file_id=entry["input_file_id"], endpoint="/v1/chat/completions",
                                                 completion_window="24h")
@@ -134,6 +146,8 @@ async def run_batch(client, args, axes, names, out, progress):
         await asyncio.sleep(delay)
         delay = min(2 * delay, args.poll_interval)
         for entry in list(in_flight):
+            if entry["input_file_id"] in unsure:
+                await cancel_twins(entry)
             batch = await with_retries(lambda: retrieve(entry), args, progress)
             if batch.status not in DONE:  # validating, in_progress, finalizing, cancelling, or a server's own
                 continue
@@ -217,13 +231,14 @@ async def run_batch(client, args, axes, names, out, progress):
             delay = min(1.0, args.poll_interval)
     for entry in in_flight:  # no longer needed (a rerun with a smaller --n_stories): stop paying for those running
         try:
-            batch_id = entry["batch_id"] or await with_retries(lambda: made_from(entry), args, progress)
-            if batch_id is None:  # its create never made it
-                continue
-            batch = await with_retries(lambda: client.batches.retrieve(batch_id), args, progress)
-            if batch.status not in DONE:
-                await with_retries(lambda: client.batches.cancel(batch_id), args, progress)
-                progress.stats["batches cancelled"] += 1
+            if entry["batch_id"] is None or entry["input_file_id"] in unsure:  # its id lost, or a twin possible
+                batches = await with_retries(lambda: made_from(entry), args, progress)
+            else:
+                batches = [await with_retries(lambda: client.batches.retrieve(entry["batch_id"]), args, progress)]
+            for batch in batches:
+                if batch.status not in DONE:
+                    await with_retries(lambda: client.batches.cancel(batch.id), args, progress)
+                    progress.stats["batches cancelled"] += 1
         except FatalError as e:
             print(f"note: could not cancel batch {entry['batch_id'] or entry['input_file_id']}, no longer needed: {e}",
                   file=sys.stderr)

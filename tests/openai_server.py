@@ -49,6 +49,8 @@ and taken by the batches created next, one each:
     slow        takes 100 times batch_delay
     queued      says "queued" (a status of its own, not OpenAI's) before it goes on as any other
     timeout     is created, but the answer comes after `stall` seconds, past the client's timeout
+    late        is created only after `stall` seconds, then answered: past the client's timeout, and past
+                the lookup a client makes before it tries again
 
 In a test:
     with OpenAIServer(latency=0.01, fault_rate=0.2) as server:
@@ -75,7 +77,7 @@ ANSWER_FAULTS = ("truncated", "fewer", "merged")  # faults of the answer's text,
 JUDGE_FAULTS = ("not_json", "out_of_range", "missing_score")
 SHAPE_FAULTS = ("content_parts", "usage_text", "usage_strings")  # answers of the wrong shape, stories and grades alike
 MODELS = ("gpt-4o-mini", "gpt-4o", "gpt-4.1-nano", "gpt-5-nano")  # what GET /v1/models lists
-BATCH_FAULTS = ("failed", "expired", "garbled", "refused", "slow", "queued", "timeout")
+BATCH_FAULTS = ("failed", "expired", "garbled", "refused", "slow", "queued", "timeout", "late")
 RUNNING = ("queued", "validating", "in_progress", "finalizing")  # a batch's statuses before it is done
 ERRORS = {  # status, and the error object of the answer
     "400": (400, {"message": "Invalid value for 'temperature'.", "type": "invalid_request_error", "code": None}),
@@ -365,6 +367,8 @@ class OpenAIServer:
                 return 400, {"error": {"message": "No such input file.", "type": "invalid_request_error"}}, {}
             with self.lock:
                 fault = self.queued_batch.pop(0) if self.queued_batch else None
+            if fault == "late":
+                time.sleep(self.stall)
             batch = {"id": self.new_id("batch"), "object": "batch", "endpoint": request["endpoint"],
                      "input_file_id": request["input_file_id"], "completion_window": request["completion_window"],
                      "status": "validating", "created_at": time.time(), "output_file_id": None,

@@ -856,6 +856,19 @@ def test_batch_whose_create_timed_out_is_found_not_made_twice(monkeypatch, tmp_p
     check_stories(out, 40)
 
 
+def test_batch_made_after_the_lookup_of_a_create_tried_again_is_cancelled(monkeypatch, tmp_path, capsys):
+    out = tmp_path / "stories.jsonl"
+    with OpenAIServer(api_key=KEY, batch_delay=2.0, stall=0.5) as server:
+        server.inject_batch("late")  # made on the server after the retry looked for it and made another
+        generate(monkeypatch, server, out, "--batch", "--n_stories=40", "--timeout=0.2", "--max_retries=3",
+                 "--poll_interval=0.05")
+        batches = list(server.batches.values())
+    assert len(batches) == 2 and batches[0]["input_file_id"] == batches[1]["input_file_id"]
+    assert sorted(b["status"] for b in batches) == ["cancelled", "completed"]
+    assert "batches made twice, cancelled 1" in capsys.readouterr().out
+    check_stories(out, 40)
+
+
 def test_batches_in_flight_are_refused_to_a_run_with_other_arguments(monkeypatch, tmp_path):
     out = tmp_path / "stories.jsonl"
     with OpenAIServer(api_key=KEY, batch_delay=0.05, stall=0.5) as server:
