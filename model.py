@@ -163,10 +163,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v, positions)
-        # each group of n_heads / n_kv_heads query heads shares one key/value head. SDPA's enable_gqa
-        # reads them in place, but only its flash kernels (on CPU, and on CUDA in 16-bit) honour it;
-        # for float32 on a GPU the heads are repeated, which keeps the memory-efficient kernel
-        gqa = q.device.type == "cpu" or q.dtype != torch.float32
+        gqa = sdpa_reads_gqa(q)
         if not gqa:
             n_rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
@@ -177,6 +174,15 @@ class Attention(nn.Module):
         else:  # the cache's first cache.length positions, masked to those at or before each token's own
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def sdpa_reads_gqa(q):
+    """Whether SDPA reads the shared key/value heads in place (enable_gqa), or they are repeated first.
+
+    Each group of n_heads / n_kv_heads query heads shares one key/value head. SDPA's enable_gqa reads them
+    in place, but only its flash kernels (on CPU, and on CUDA in 16-bit) honour it; for float32 on a GPU
+    the heads are repeated, which keeps the memory-efficient kernel."""
+    return q.device.type == "cpu" or q.dtype != torch.float32
 
 
 class MLP(nn.Module):

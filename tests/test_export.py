@@ -191,8 +191,8 @@ def published_folder(root):
     hf_tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=fast, unk_token="[UNK]", eos_token="[EOS]")
     config = transformers.LlamaConfig(vocab_size=fast.get_vocab_size(), hidden_size=64, intermediate_size=170,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=2048, rms_norm_eps=1e-6, eos_token_id=1,
-                                      tie_word_embeddings=False)
+                                      max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
+                                      eos_token_id=1, tie_word_embeddings=False)  # not our defaults: read, not assumed
     torch.manual_seed(0)
     llama = transformers.LlamaForCausalLM(config)
     llama.lm_head.weight.data.copy_(llama.model.embed_tokens.weight.data)  # tied when trained, saved twice

@@ -1,5 +1,6 @@
 """model.py against its contracts: exact suite sizes, causality, RoPE's formula, the KV cache, Llama."""
 
+import dataclasses
 import math
 import os
 import sys
@@ -182,6 +183,55 @@ def test_top_k_and_top_p_filter():
     assert set(sample_next(flat, 1.0, 0, 0.0, torch.Generator().manual_seed(0)).tolist()) == {2}
 
 
+def test_sampling_follows_the_tempered_and_filtered_distribution():
+    from model import sample_next
+
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    n = 20_000
+    for temperature, top_k, top_p in [(0.5, 0, 1.0), (2.0, 0, 1.0), (1.0, 2, 1.0), (1.5, 0, 0.8)]:
+        expected = (logits / temperature).softmax(-1)
+        if top_k:
+            expected[top_k:] = 0
+        if top_p < 1:  # keep a token while the tokens above it hold less than top_p of the mass
+            expected[(expected.cumsum(-1) - expected) >= top_p] = 0
+        expected /= expected.sum()
+        picks = sample_next(logits.repeat(n, 1), temperature, top_k, top_p, torch.Generator().manual_seed(0))
+        observed = torch.bincount(picks, minlength=4) / n
+        assert (observed - expected).abs().max() < 0.015, (temperature, top_k, top_p, observed, expected)
+
+
+def test_repeated_key_value_heads_equal_sdpa_reading_them_in_place(monkeypatch):
+    """A GPU in float32 repeats each key/value head for its group of query heads: the same attention."""
+    import model as model_module
+
+    model = small_model(seed=1)
+    idx = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, story = model(idx)[0], model.generate(idx[:, :6], 12, temperature=0)
+    monkeypatch.setattr(model_module, "sdpa_reads_gqa", lambda q: False)
+    with torch.no_grad():
+        torch.testing.assert_close(model(idx)[0], logits, rtol=1e-5, atol=1e-5)
+        assert torch.equal(model.generate(idx[:, :6], 12, temperature=0), story)
+
+
+def test_initial_weights_follow_gpt2():
+    """std 0.02, and 0.02 / sqrt(2 n_layers) for the projections that write to the residual stream."""
+    model = GPT(GPTConfig(n_layers=6, d_model=256, n_heads=4))
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:
+            std = 0.02 / math.sqrt(12) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            assert abs(p.std().item() / std - 1) < 0.05, name
+
+
+def test_model_defaults_are_train_defaults():
+    from test_configs import train_defaults
+
+    defaults = train_defaults()
+    assert GPTConfig() == GPTConfig(**{f.name: defaults[f.name] for f in dataclasses.fields(GPTConfig)})
+
+
 def test_loss_with_no_target_counted_is_zero_with_or_without_gradients():
     model = small_model()
     idx, ignored = torch.zeros(2, 8, dtype=torch.long), torch.full((2, 8), -1)
@@ -207,7 +257,7 @@ def test_bad_shapes_are_refused(overrides, message):
 
 def test_matches_transformers_llama():
     transformers = pytest.importorskip("transformers")
-    model = small_model(seed=4, d_vocab=300)
+    model = small_model(seed=4, d_vocab=300, rope_base=500.0, norm_eps=1e-3)  # not the defaults: each is passed on
     c = model.config
     llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=c.d_vocab, hidden_size=c.d_model, intermediate_size=c.d_mlp, num_hidden_layers=c.n_layers,
