@@ -149,6 +149,44 @@ def test_loss_report_by_label_length_and_position(tiny):
     assert sum(r["group"] == "theme" for r in twice) == len(set(index["theme"].to_pylist()))
 
 
+def test_bits_per_byte_by_story_and_label_are_text_nats_over_ln2_bytes(tiny, tmp_path, monkeypatch):
+    import torch
+    import torch.nn.functional as F
+
+    monkeypatch.chdir(tiny)
+    monkeypatch.setattr(evaluate, "loss_plots", lambda *args: [])  # not checked here, and slow
+    evaluate.main(["--out_dir=out/tiny", "--stride=64", "--batch_size=32", f"--eval_dir={tmp_path}", "--device=cpu"])
+    stories = pq.read_table(tmp_path / "loss_by_story.parquet")
+    model, tok, tokens, offsets, lengths = tiny_model_and_val_stories()
+    n_ctx, stride = model.config.n_ctx, 64
+    text_nats, nbytes = np.zeros(len(lengths)), np.zeros(len(lengths))
+    token_bytes = np.array(tok.token_bytes())
+    for i in range(len(lengths)):  # each target scored in the first window that ends past it, as in the test above
+        story = tokens[offsets[i]:offsets[i] + lengths[i]].astype(np.int64)
+        n = len(story) - 1
+        for k in range(max(1, math.ceil((n - n_ctx) / stride) + 1)):
+            end = min(n_ctx + k * stride, n)
+            start, first = max(0, end - n_ctx), 0 if k == 0 else min(n_ctx + (k - 1) * stride, n)
+            with torch.no_grad():
+                nll = F.cross_entropy(model(torch.from_numpy(story[start:end])[None])[0][0], torch.from_numpy(story[start + 1:end + 1]),
+                                      reduction="none").numpy()[first - start:]
+            text = token_bytes[story[first + 1:end + 1]] > 0  # not BOS or EOS
+            text_nats[i] += nll[text].sum()
+        nbytes[i] = len(tok.decode(story.tolist()).encode())
+    bpb = text_nats / (math.log(2) * nbytes)
+    assert stories["bytes"].to_numpy().tolist() == nbytes.tolist()
+    assert stories["bpb"].to_numpy() == pytest.approx(bpb, rel=1e-4)
+    report = json.load(open(tmp_path / "loss.json"))
+    assert report["token_bpb"] == pytest.approx(text_nats.sum() / (math.log(2) * nbytes.sum()), rel=1e-4)
+    rows = {(r["group"], str(r["value"])): r for r in report["rows"]}
+    assert rows["all", ""]["bpb"] == pytest.approx(bpb.mean(), rel=1e-4)
+    index = prepare.read_index("data/sample", "val")
+    for label in LABELS:
+        values = np.array(index[label].to_pylist(), dtype=object)
+        for value in set(values):
+            assert rows[label, str(value)]["bpb"] == pytest.approx(bpb[values == value].mean(), rel=1e-4)
+
+
 def test_loss_mode_refuses_bad_inputs_in_one_line(tiny, tmp_path, monkeypatch):
     monkeypatch.chdir(tiny)
     assert "out/none/ckpt.pt does not exist" in error_of(["--out_dir=out/none"])

@@ -146,6 +146,15 @@ def test_dry_run_prints_prompts_counts_independence_and_cost(capsys):
     assert "tokens:" in out and "cost: $" in out
 
 
+def test_dry_run_cost_prices_each_token_count_at_its_own_price(capsys):
+    gs.main(["--dry_run", "--n_stories=40000", "--n_examples=1", "--price_in=1", "--price_out=100"])
+    out = capsys.readouterr().out
+    tokens_in, tokens_out = (float(n.replace(",", "")) for n in re.search(r"tokens: ([\d,]+) in .*, ([\d,]+) out", out).groups())
+    cost = float(re.search(r"cost: \$([\d,.]+) for", out).group(1).replace(",", ""))
+    assert cost == pytest.approx(tokens_in * 1 / 1e6 + tokens_out * 100 / 1e6, abs=0.01)
+    assert abs(tokens_in - tokens_out) * 99 / 1e6 > 1  # the prices swapped would cost more than a dollar more or less
+
+
 def test_one_story_prompt_is_worded_for_one_story():
     labels, names = stories.prompt_at(AXES, NAMES, stories.sample_prompts(AXES, NAMES, 0, [5]), 0)
     one = stories.prompt_text(labels, names, 1)
@@ -232,6 +241,16 @@ def test_clean_story_fixes_typography_titles_and_drops_what_cannot_be_fixed():
     assert stories.clean_story("\n\n".join([PARAGRAPH] * 6), 2, args)[1] == "wrong_paragraphs"
 
 
+def test_paragraph_count_may_be_one_off_not_two():
+    args = args_for()
+    for n in (1, 2, 3, 4, 5):  # paragraphs long enough that even one is not too short
+        story, rule, _ = stories.clean_story("\n\n".join([f"{PARAGRAPH} {PARAGRAPH}"] * n), 3, args)
+        if abs(n - 3) <= 1:
+            assert rule is None and story.count("\n\n") == n - 1
+        else:
+            assert story is None and rule == "wrong_paragraphs"
+
+
 def test_make_records_drops_unfinished_runtogether_and_duplicate_stories(tmp_path):
     args = args_for("--stories_per_prompt=3")
     labels, names = stories.prompt_at(AXES, NAMES, stories.sample_prompts(AXES, NAMES, 0, [0]), 0)
@@ -289,6 +308,21 @@ def test_faulty_server_gives_exactly_the_stories_asked_for(monkeypatch, tmp_path
                    "truncated", "separator_failed"):
         assert reason in summary
     assert "gave up" not in summary
+
+
+def test_live_run_cost_prices_each_token_count_at_its_own_price(monkeypatch, tmp_path, server, capsys):
+    out = tmp_path / "stories.jsonl"
+    generate(monkeypatch, server, out, "--n_stories=8", "--price_in=1", "--price_out=100")
+    by_prompt = {r["prompt_id"]: r for r in read(out)}
+    assert server.stats["chat"] == len(by_prompt) == 2  # no answer dropped whole: each one's usage is in a record
+    tokens_in = sum(len(r["prompt"]) // 4 for r in by_prompt.values())  # the server's usage: 4 characters a token
+    tokens_out = sum(r["completion_tokens"] for r in by_prompt.values())
+    assert tokens_in == sum(r["prompt_tokens"] for r in by_prompt.values())
+    summary = capsys.readouterr().out
+    assert f"tokens: {tokens_in:,} in, {tokens_out:,} out, $" in summary
+    cost = float(re.search(r"tokens: .* out, \$([\d,.]+)", summary).group(1).replace(",", ""))
+    assert cost == pytest.approx(tokens_in * 1 / 1e6 + tokens_out * 100 / 1e6, abs=0.006)
+    assert abs(tokens_in - tokens_out) * 99 / 1e6 > 0.02  # the prices swapped would cost more than 2 cents more or less
 
 
 def test_killed_run_restarted_ends_like_an_uninterrupted_one(monkeypatch, tmp_path):

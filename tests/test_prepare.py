@@ -99,6 +99,27 @@ def test_story_ranges_match_retokenizing_the_stories(workdir, tmp_path):
         naive(lambda r: r["num_paragraphs"] == 3)
 
 
+def test_story_ranges_never_match_a_story_without_the_label(workdir, tmp_path):
+    records = [json.loads(line) for line in open(SAMPLE)][:80]
+    theme = max({r["theme"] for r in records}, key=[r["theme"] for r in records].count)
+    for i, record in enumerate(records):
+        if i % 3 == 0:  # a third of the stories have no theme, some of those of this theme among them
+            del record["theme"]
+    data = tmp_path / "stories.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    tok = Tokenizer(str(workdir / "tokenizers" / "sample.model"))
+    prepare.prepare(str(data), tok.model_file, str(tmp_path / "out"), val_fraction=0.1, chunk_stories=9)
+    train = [r for r in records if prepare.split_of(r["id"], 0.1) == "train"]
+    assert any("theme" not in r for r in train) and any(r.get("theme") == theme for r in train)
+    ranges, start = [], 0
+    for record in train:
+        n = len(tok.encode(record["story"], bos=True, eos=True))
+        ranges += [[start, start + n]] if record.get("theme") == theme else []
+        start += n
+    assert prepare.story_ranges(str(tmp_path / "out"), "train", theme=theme).tolist() == ranges
+    assert prepare.story_ranges(str(tmp_path / "out"), "train", theme=[theme, "no such theme"]).tolist() == ranges
+
+
 def test_stories_without_labels_and_labels_of_the_wrong_type(workdir, tmp_workdir):
     stories = [t for _, t in read_stories(SAMPLE)][:60]
     text = tmp_workdir / "stories.txt"
@@ -120,6 +141,22 @@ def test_split_is_stable_as_the_corpus_grows():
     before = {i: prepare.split_of(i, 0.05) for i in ids[:1000]}
     assert all(prepare.split_of(i, 0.05) == s for i, s in before.items())
     assert 0.03 < sum(prepare.split_of(i, 0.05) == "val" for i in ids) / 2000 < 0.07
+
+
+def test_split_follows_the_rule_meta_json_states(workdir):
+    meta = json.load(open(workdir / "data" / "sample" / "meta.json"))
+    assert meta["split"] == "val if int.from_bytes(sha256(id)[:8], 'little') < val_fraction * 2**64, else train"
+
+    def rule(story_id):  # the rule as meta.json states it
+        h = int.from_bytes(hashlib.sha256(story_id.encode("utf-8")).digest()[:8], "little")
+        return "val" if h < meta["val_fraction"] * 2**64 else "train"
+
+    ids = [json.loads(line)["id"] for line in open(SAMPLE)]
+    for split in ("train", "val"):
+        assert prepare.read_index(str(workdir / "data" / "sample"), split)["id"].to_pylist() == [i for i in ids if rule(i) == split]
+    more = [f"story-{i}" for i in range(500)]
+    assert [prepare.split_of(i, 0.3) for i in more] == [
+        "val" if int.from_bytes(hashlib.sha256(i.encode()).digest()[:8], "little") < 0.3 * 2**64 else "train" for i in more]
 
 
 def test_large_vocab_is_refused(workdir, tmp_path, monkeypatch):
