@@ -27,7 +27,7 @@ once, with at least n_ctx - stride tokens of its story before it (all of them in
 like length are batched, padded on the right, where causal attention cannot see the padding.
 
 Output, in --act_dir (default <out_dir>/activations/<split>, <out_dir>/activations/step_0000512/<split> for
---step=512, a snapshot of train.py --keep_checkpoints, out/<name>/activations/<split> for --hf_dir hf/<name>):
+--step=512, a snapshot of train.py --keep_checkpoints, out/<name>/activations_hf/<split> for --hf_dir hf/<name>):
     shard_00000.safetensors, ...   --shard_tokens rows each (the last fewer): one tensor per site, named by
                                    the site, (rows, *per token) in --dtype; and tokens, story (its index in
                                    the split) and position (in its story, 0 = BOS), int32 (rows,)
@@ -54,7 +54,7 @@ from dataclasses import asdict
 
 import numpy as np
 
-from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem
+from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem, run_folder
 
 SITES = {  # kind: (its TransformerLens hook, the module of block L it is read from, its input (True) or its output)
     "resid_pre": ("blocks.{L}.hook_resid_pre", lambda block: block, True),
@@ -225,7 +225,7 @@ def iter_activations(act_dir, site):
 
 def parse_args(argv=None):
     p = Parser(__doc__, "activations.py")
-    p.add_argument("--out_dir", default="", help="training run folder holding ckpt.pt")
+    p.add_argument("--out_dir", default="", type=run_folder, help="training run folder holding ckpt.pt")
     p.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (export.py's, or a published one)")
     p.add_argument("--step", type=int, default=None, help="the snapshot of this step of --out_dir (train.py --keep_checkpoints)")
     p.add_argument("--dataset", default="", help="run on data/<dataset> ('': the dataset the model trained on)")
@@ -233,7 +233,7 @@ def parse_args(argv=None):
     p.add_argument("--sites", default="", help="comma-separated sites, e.g. resid_post.3,mlp_out.2 (see above)")
     p.add_argument("--n_tokens", type=int, default=None,
                    help="rows to write, the first tokens of the split (None: all of it)")
-    p.add_argument("--act_dir", default="", help="where the shards go ('': <out_dir>/activations/<split>)")
+    p.add_argument("--act_dir", default="", help="where the shards go ('': <out_dir>/activations/<split>, or out/<name>/activations_hf/<split> for --hf_dir=hf/<name>)")
     p.add_argument("--dtype", default="float16", choices=DTYPES, help="of the activations written")
     p.add_argument("--shard_tokens", type=int, default=2**18, help="rows in a shard (and in memory)")
     p.add_argument("--batch_size", type=int, default=32, help="windows run at a time")
@@ -257,9 +257,11 @@ def parse_args(argv=None):
     except ValueError as e:
         die(str(e))
     if not args.act_dir:
-        run = args.out_dir or os.path.join("out", os.path.basename(os.path.normpath(args.hf_dir)))
-        step = [f"step_{args.step:07d}"] if args.step is not None else []  # a snapshot's beside the final model's
-        args.act_dir = os.path.join(run, "activations", *step, args.split)
+        if args.hf_dir:  # beside, not over, the activations of a run of the same name (as evaluate.py's eval_hf)
+            args.act_dir = os.path.join("out", os.path.basename(os.path.normpath(args.hf_dir)), "activations_hf", args.split)
+        else:
+            step = [f"step_{args.step:07d}"] if args.step is not None else []  # a snapshot's beside the final model's
+            args.act_dir = os.path.join(args.out_dir, "activations", *step, args.split)
     problem = folder_problem(args.act_dir)
     if problem:
         die(f"--act_dir={args.act_dir} cannot be written: {problem}")

@@ -241,3 +241,11 @@ def test_bad_inputs_end_in_one_line(trained, tmp_workdir, monkeypatch):
         [*base, "--sites=mlp_out.1", "--overwrite=True"])
     with pytest.raises(ValueError, match="holds no site 'resid_post.0'; it holds mlp_out.1"):
         next(activations.iter_activations("out/tiny_act/activations/val", "resid_post.0"))
+
+
+def test_default_act_dir_keeps_a_hugging_face_model_apart_from_the_run_of_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = activations.parse_args(["--hf_dir=hf/5m", "--sites=resid_post"])
+    assert args.act_dir == os.path.join("out", "5m", "activations_hf", "val")
+    args = activations.parse_args(["--out_dir=out/5m", "--step=512", "--split=train", "--sites=resid_post"])
+    assert args.act_dir == os.path.join("out", "5m", "activations", "step_0000512", "train")
