@@ -53,6 +53,13 @@ def boolean(s):
     return s.lower() in ("true", "1")
 
 
+def run_folder(s):
+    """A training run's folder (--out_dir), for argparse's type=: not a file given in its place, such as its ckpt.pt."""
+    if os.path.isfile(s):
+        raise argparse.ArgumentTypeError(f"{s} is a file; give the run's folder, the one that holds ckpt.pt")
+    return s
+
+
 @contextmanager
 def atomic_write(path, mode="wb"):
     """A file to write path through: a temporary file beside it, flushed to disk and renamed over path when

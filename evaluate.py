@@ -36,7 +36,7 @@ import sys
 
 import numpy as np
 
-from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem, pick_device
+from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem, pick_device, run_folder
 
 LENGTH_BUCKETS = (0, 128, 256, 512, 1024)  # predicted tokens: 0-127, 128-255, 256-511, 512-1023, 1024+
 OPENING_TOKENS = 10  # the opening loss is the mean over a story's first ten tokens after BOS
@@ -132,8 +132,9 @@ def load_run(args):
     model, tok = load_model(args.out_dir, device, args.hf_dir, args.step)
     dataset = args.dataset
     if not dataset and args.hf_dir:
-        raise ValueError(f"--hf_dir={args.hf_dir} does not name a dataset; give --dataset=NAME, bins in data/NAME that "
-                         f"prepare.py made with --tokenizer={os.path.join(args.hf_dir, 'tokenizer.json')}")
+        raise ValueError(f"--hf_dir={args.hf_dir} does not name a dataset; give --dataset=NAME, bins in data/NAME made "
+                         f"with its tokenizer: those of the run it was exported from, or prepare.py's with "
+                         f"--tokenizer={os.path.join(args.hf_dir, 'tokenizer.json')}")
     if not dataset:
         saved = torch.load(os.path.join(args.out_dir, "ckpt.pt"), map_location="cpu", weights_only=True, mmap=True)
         dataset = (saved.get("train_config") or {}).get("dataset")
@@ -406,7 +407,7 @@ DATA_FLAGS = ("max_stories", "sample_size", "readability_sample", "jaccard")
 def parse_args(argv=None):
     p = Parser(__doc__, "evaluate.py")
     g = p.add_argument_group("a model (the loss by story, and the judge)")
-    g.add_argument("--out_dir", default="", help="training run folder holding ckpt.pt")
+    g.add_argument("--out_dir", default="", type=run_folder, help="training run folder holding ckpt.pt")
     g.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (export.py's, or a published one)")
     g.add_argument("--step", type=int, default=None, help="the snapshot of this step of --out_dir (train.py --keep_checkpoints)")
     g.add_argument("--dataset", default="", help="evaluate on data/<dataset> (default: the dataset the model trained on)")

@@ -38,7 +38,7 @@ from dataclasses import asdict
 
 import torch
 
-from configurator import Parser, atomic_write, boolean, die, folder_problem
+from configurator import Parser, atomic_write, boolean, die, folder_problem, run_folder
 from model import GPT, GPTConfig
 from tokenizer import SP_SPACE, Tokenizer
 
@@ -314,7 +314,7 @@ def import_hf(hf_dir, out_dir):
 
 def main():
     parser = Parser(__doc__, "export.py")
-    parser.add_argument("--out_dir", default="", help="the training run: ckpt.pt is read from it, or written by --from_hf")
+    parser.add_argument("--out_dir", default="", type=run_folder, help="the training run: ckpt.pt is read from it, or written by --from_hf")
     parser.add_argument("--hf_dir", default="", help="the Hugging Face folder to write")
     parser.add_argument("--from_hf", default="", help="a Hugging Face folder to import into --out_dir")
     parser.add_argument("--push_to_hub", default="", help="also upload --hf_dir to this hub repo (user/name)")

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem, pick_device
+from configurator import Parser, atomic_write, autocast_for, boolean, die, folder_problem, pick_device, run_folder
 from model import FixedNorm
 from prepare import SPLITS, open_bins
 
@@ -90,7 +90,7 @@ def freeze(norms, scales):
 
 def main():
     p = Parser(__doc__, "remove_norms.py")
-    p.add_argument("--out_dir", default="", help="the training run whose ckpt.pt has the model (with RMSNorm)")
+    p.add_argument("--out_dir", default="", type=run_folder, help="the training run whose ckpt.pt has the model (with RMSNorm)")
     p.add_argument("--out", default="", help="where the norm-free checkpoint goes (default: out_dir + '_normfree')")
     p.add_argument("--overwrite", type=boolean, nargs="?", const=True, default=False, help="replace --out/ckpt.pt if it exists")
     p.add_argument("--dataset", default="", help="fine-tune on data/<dataset> (default: the dataset the model trained on)")

@@ -22,7 +22,7 @@ from dataclasses import asdict
 
 import torch
 
-from configurator import Parser, autocast_for, boolean, die, pick_device
+from configurator import Parser, autocast_for, boolean, die, pick_device, run_folder
 from model import GPT, GPTConfig
 from tokenizer import Tokenizer
 
@@ -102,7 +102,7 @@ def load_model(out_dir, device, hf_dir="", step=None):
 
 def main():
     parser = Parser(__doc__, "sample.py")
-    parser.add_argument("--out_dir", default="out/quickstart", help="training run folder holding ckpt.pt")
+    parser.add_argument("--out_dir", default="out/quickstart", type=run_folder, help="training run folder holding ckpt.pt")
     parser.add_argument("--hf_dir", default="", help="a Hugging Face model folder instead (ours exported, or published)")
     parser.add_argument("--step", type=int, default=None, help="the snapshot of this step (train.py --keep_checkpoints)")
     parser.add_argument("--num_samples", type=int, default=3, help="stories per prompt")
@@ -117,11 +117,15 @@ def main():
     parser.add_argument("--compile", type=boolean, nargs="?", const=True, default=False,
                         help="compile the decode step (once per batch size and 64 positions: 20-35 s on a CPU): for many prompts")
     args = parser.parse_args()
-    if args.num_samples < 1 or args.max_new_tokens < 1:
-        raise ValueError("--num_samples and --max_new_tokens must be at least 1")
-    if not (args.temperature >= 0 and math.isfinite(args.temperature)) or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise ValueError("--temperature must be a finite number, 0 or more, --top_k must not be negative, "
-                         "and --top_p must be in (0, 1]")
+    for name in ("num_samples", "max_new_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name}={getattr(args, name)} must be at least 1")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ValueError(f"--temperature={args.temperature} must be a finite number, 0 or more (0: greedy)")
+    if args.top_k < 0:
+        raise ValueError(f"--top_k={args.top_k} must not be negative (0: no top-k)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top_p={args.top_p} must be in (0, 1] (1: no top-p)")
     if not 0 <= args.seed < 2**63:
         raise ValueError(f"--seed={args.seed} must be between 0 and 2**63 - 1")
     if args.prompt and args.prompt_file:

@@ -134,7 +134,9 @@ FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "windows", "n_
 given = configurator.parse(sys.argv[1:], DEFAULTS, __doc__, __file__)  # config files and flags alike
 settings = {**DEFAULTS, **given}
 ckpt_path = os.path.join(settings["out_dir"], "ckpt.pt")
-checkpoint = None
+if os.path.isfile(settings["out_dir"]):
+    die(f"out_dir={settings['out_dir']} is a file; give the run's folder, the one that holds ckpt.pt")
+checkpoint, imported = None, False  # imported: a checkpoint export.py made from a Hugging Face model, without training settings
 if settings["init_from"] == "resume":
     if not os.path.isfile(ckpt_path):
         die(f"cannot resume: {ckpt_path} does not exist; start with --init_from=scratch")
@@ -148,10 +150,11 @@ if settings["init_from"] == "resume":
     except Exception as e:
         die(f"cannot read checkpoint {ckpt_path} ({type(e).__name__}): it is corrupt or not from train.py; "
             f"delete it or start with --init_from=scratch")
+    imported = checkpoint["meta"] is None
     # the run goes on with the settings it was started with; only those given now change them
     settings = {**configurator.resume(DEFAULTS, given, saved, FIXED_ON_RESUME, ckpt_path), "init_from": "resume"}
     # (a model imported by export.py has no optimizer state yet: any optimizer can start on it)
-    if checkpoint["meta"] is not None and settings["optimizer"] != saved["optimizer"]:
+    if not imported and settings["optimizer"] != saved["optimizer"]:
         die(f"{ckpt_path} was trained with optimizer={saved['optimizer']}: its optimizer state cannot go on "
             f"with optimizer={settings['optimizer']}; drop that setting or start a new out_dir")
     if settings["max_iters"] < checkpoint["iter_num"]:
@@ -238,7 +241,7 @@ def data_identity(m):
             **{f"{s} {n}": m[s][n] for s in ("train", "val") for n in ("stories", "tokens", "sha256") if n in m[s]}}
 
 
-if checkpoint is not None and checkpoint["meta"] is None:  # imported by export.py: no bins yet, a tokenizer
+if imported:  # by export.py: no bins yet, a tokenizer
     if checkpoint["tokenizer"]["sha256"] != meta["tokenizer_sha256"]:
         die(f"{data_dir} was prepared with another tokenizer than {ckpt_path} has; prepare the bins with its tokenizer, "
             f"{checkpoint['tokenizer']['file']}")
@@ -251,6 +254,16 @@ elif checkpoint is not None:  # the bins it trained on, not others made since un
     if changed:
         die(f"{data_dir} was prepared again since {ckpt_path} was written ({', '.join(changed)}); a resume needs the bins "
             f"and tokenizer it trained on: prepare them as before, or train a new out_dir")
+
+if checkpoint is not None:  # its tokenizer is the bins' (checked above), kept in it whatever became of the file since
+    tokenizer = Tokenizer(checkpoint["tokenizer"]["file"], checkpoint["tokenizer"]["model"])
+else:
+    if not os.path.isfile(meta["tokenizer"]):
+        die(f"tokenizer {meta['tokenizer']} named in {meta_path} not found; run tokenizer.py and prepare.py again")
+    tokenizer = Tokenizer(meta["tokenizer"])
+    if (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sha256()) != (
+            meta["vocab_size"], meta["bos_id"], meta["eos_id"], meta["tokenizer_sha256"]):
+        die(f"{meta['tokenizer']} is not the tokenizer {meta_path} was made with; run prepare.py again with it")
 
 
 def memmap(split):
@@ -353,12 +366,6 @@ if ddp:
     no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None, **{no_sync: False})
 
-if not os.path.isfile(meta["tokenizer"]):
-    die(f"tokenizer {meta['tokenizer']} named in {meta_path} not found; run tokenizer.py and prepare.py again")
-tokenizer = Tokenizer(meta["tokenizer"])
-if (tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id, tokenizer.sha256()) != (
-        meta["vocab_size"], meta["bos_id"], meta["eos_id"], meta["tokenizer_sha256"]):
-    die(f"{meta['tokenizer']} is not the tokenizer {meta_path} was made with; run prepare.py again with it")
 token_bytes = torch.tensor(tokenizer.token_bytes(), dtype=torch.float32, device=device)
 
 
@@ -368,7 +375,7 @@ def save_checkpoint():
     state = {
         "model": raw_model.state_dict(), "optimizer": opt.state_dict(), "model_config": asdict(model_config),
         "train_config": config, "iter_num": iter_num, "best_val_loss": best_val_loss,
-        "tokenizer": {"file": os.path.abspath(meta["tokenizer"]), "sha256": tokenizer.sha256(), "model": tokenizer.proto},
+        "tokenizer": {"file": os.path.abspath(tokenizer.model_file), "sha256": tokenizer.sha256(), "model": tokenizer.proto},
         "meta": meta, "loss_since_log": (loss_sum.item(), loss_steps),
         "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else torch.empty(0)},
     }
@@ -500,6 +507,7 @@ if master:
     try:
         os.makedirs(out_dir, exist_ok=True)
         if init_from == "scratch" and os.path.exists(ckpt_path):  # --overwrite: the old run goes first, as a whole,
+            print(f"overwrite=True: replacing the run in {out_dir}")
             os.remove(ckpt_path)  # so that no resume can go on from its checkpoint with its log and snapshots gone
         with atomic_write(log_path, "w") as f:
             f.writelines(kept)
@@ -509,6 +517,10 @@ if master:
     mode = f" {compile_mode}" if compile and compile_mode != "default" else ""
     print(f"{raw_model.num_params():,} parameters | {world_size} x {device} {dtype} | compile={compile}{mode} | "
           f"{tokens_per_step:,} tokens/step = {grad_accum} micro-steps x {world_size} x {batch_size} x {n_ctx}, {windows} windows")
+    if init_from == "resume":
+        print(f"resuming {ckpt_path} at step {iter_num}" + (
+            ": imported, it holds no training settings; this run's (train.py's defaults, then the config files and flags "
+            "given) are saved with it, and its resumes keep them" if imported else ", with the settings saved in it"))
     print(f"val loss to beat: {meta['unigram_entropy']:.4f}, the unigram entropy of train.bin (nats per token)")
     # snapshots a killed run wrote after its checkpoint, or all of those of the run a scratch run replaces
     for step in snapshot_steps(out_dir):

@@ -116,7 +116,10 @@ def test_imported_model_fine_tunes_on_bins_of_its_tokenizer(exported, tmp_workdi
     result = run("train.py", "--init_from=resume", "--out_dir=out/back", "--max_iters=6", "--eval_interval=3", *TINY,
                  cwd=tmp_workdir)
     assert result.returncode == 0, result.stderr
+    assert "resuming out/back/ckpt.pt at step 0: imported, it holds no training settings" in result.stdout
     assert [r["step"] for r in map(json.loads, open(tmp_workdir / "out" / "back" / "log.jsonl")) if "val_loss" in r] == [3, 6]
+    result = run("train.py", "--init_from=resume", "--out_dir=out/back", "--max_iters=7", cwd=tmp_workdir)
+    assert "resuming out/back/ckpt.pt at step 6, with the settings saved in it" in result.stdout, result.stderr
     # it has no optimizer state yet: Muon can start on it as well as AdamW
     shutil.copytree(exported / "back", tmp_workdir / "out" / "muon")
     result = run("train.py", "--init_from=resume", "--out_dir=out/muon", "--max_iters=2", "--eval_interval=2", *TINY,

@@ -22,6 +22,15 @@ def test_bad_flag_is_one_line_and_help_lists_the_flags(tmp_path, script, flag):
     assert f"python {script} --" in result.stdout and f"{flag} " in result.stdout and "(default: " in result.stdout
 
 
+@pytest.mark.parametrize("script", ["train.py", "sample.py", "evaluate.py", "activations.py", "export.py", "remove_norms.py"])
+def test_out_dir_naming_the_checkpoint_file_says_to_give_the_run_folder(tmp_path, script):
+    (tmp_path / "out" / "run").mkdir(parents=True)
+    (tmp_path / "out" / "run" / "ckpt.pt").write_bytes(b"")
+    extra = ["--init_from=resume"] if script == "train.py" else ["--hf_dir=hf/run"] if script == "export.py" else []
+    line = one_error_line(run(script, "--out_dir=out/run/ckpt.pt", *extra, cwd=tmp_path))
+    assert "out/run/ckpt.pt is a file; give the run's folder, the one that holds ckpt.pt" in line
+
+
 def test_a_help_that_tells_its_default_is_not_given_a_second_one():
     from configurator import Parser
 

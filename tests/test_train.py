@@ -169,11 +169,14 @@ def test_an_overwrite_replaces_the_old_run_as_a_whole(workdir, tmp_path):
     replacing = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *TINY, "--out_dir=out/replaced",
                                   "--overwrite=True", "--seed=7", "--max_iters=1000"], cwd=workdir, stdout=subprocess.PIPE,
                                  text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    said = []
     for line in replacing.stdout:
+        said.append(line)
         if " parameters | " in line:
             replacing.kill()
             break
     replacing.wait()
+    assert "overwrite=True: replacing the run in out/replaced\n" in said
     ckpt_path = workdir / "out" / "replaced" / "ckpt.pt"
     assert not ckpt_path.exists() or torch.load(ckpt_path, weights_only=True)["train_config"]["seed"] == 7
 
@@ -319,8 +322,9 @@ def test_corrupt_checkpoint(workdir, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--num_samples=0"], "at least 1"), (["--temperature=-1"], "finite number, 0 or more"),
-    (["--temperature=nan"], "finite number"), (["--device=cuda"], "torch sees no GPU"), (["--device=tpu"], "not a device"), (["--top_p=0"], "(0, 1]"),
+    (["--num_samples=0"], "--num_samples=0 must be at least 1"), (["--temperature=-1"], "--temperature=-1.0 must be a finite number, 0 or more"),
+    (["--temperature=nan"], "finite number"), (["--device=cuda"], "torch sees no GPU"), (["--device=tpu"], "not a device"),
+    (["--top_p=0"], "--top_p=0.0 must be in (0, 1]"), (["--top_k=-3"], "--top_k=-3 must not be negative"),
     (["--prompt_file=nope.txt"], "No such file"), (["--prompt=" + "word " * 600], "leaving no room"),
     (["--out_dir=out/none"], "train a model with train.py"), (["--seed=18446744073709551616"], "--seed=1844"),
     (["--prompt=Once", "--prompt_file=prompts.txt"], "give --prompt or --prompt_file, not both"),
@@ -440,16 +444,17 @@ def test_config_files_count_as_much_as_flags_on_resume(workdir, tmp_path):
 
 def test_resume_refuses_bins_or_tokenizer_made_since(tmp_workdir):
     train(tmp_workdir, "--max_iters=2", "--eval_interval=2", "--out_dir=out/pinned")
-    sampled = run("sample.py", "--out_dir=out/pinned", "--max_new_tokens=20", cwd=tmp_workdir)
-    assert sampled.returncode == 0, sampled.stderr
-    # a tokenizer trained again, of the same size, on more stories, and the bins prepared with it
+    # a tokenizer trained again, of the same size, on more stories: a resume goes on with the one in its checkpoint
     (tmp_workdir / "data" / "other").mkdir()
     extra = json.dumps({"story": "Quizzical zebras jogged by wavy fjords. " * 30}) + "\n"
     (tmp_workdir / "data" / "other" / "stories.jsonl").write_text(open(SAMPLE).read() + extra)
-    for script, args in (("tokenizer.py", ["--input=data/other/stories.jsonl", "--name=sample"]),
-                         ("prepare.py", ["--input=data/other/stories.jsonl", "--tokenizer=tokenizers/sample.model",
-                                         "--data_dir=data/sample"])):
-        assert run(script, *args, cwd=tmp_workdir).returncode == 0
+    assert run("tokenizer.py", "--input=data/other/stories.jsonl", "--name=sample", cwd=tmp_workdir).returncode == 0
+    train(tmp_workdir, "--init_from=resume", "--out_dir=out/pinned", "--max_iters=3")
+    sampled = run("sample.py", "--out_dir=out/pinned", "--max_new_tokens=20", cwd=tmp_workdir)
+    assert sampled.returncode == 0, sampled.stderr
+    # and the bins prepared with it
+    assert run("prepare.py", "--input=data/other/stories.jsonl", "--tokenizer=tokenizers/sample.model",
+               "--data_dir=data/sample", cwd=tmp_workdir).returncode == 0
     line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/pinned", "--max_iters=4", cwd=tmp_workdir))
     assert "data/sample was prepared again" in line and "tokenizer sha256" in line and "train tokens" in line
     # sample.py decodes with the tokenizer saved in the checkpoint, whatever lies in tokenizers/, from any folder
@@ -630,3 +635,44 @@ def test_muon_on_a_torch_without_it_is_refused_in_one_line(workdir):
                             env={**os.environ, "PYTHONPATH": REPO})
     line = one_error_line(result)
     assert "torch 2.9" in line and "optimizer=adamw" in line and not (workdir / "out" / "no_muon").exists()
+
+
+def test_grad_clip_clips_and_a_huge_one_is_no_clip(workdir):
+    args = ["--max_iters=3", "--eval_interval=3", "--dtype=float32"]
+    for clip in ("1e-3", "0", "1e6"):
+        train(workdir, *args, f"--grad_clip={clip}", f"--out_dir=out/clip_{clip}")
+    tiny, off, huge = (weights(workdir, f"out/clip_{clip}") for clip in ("1e-3", "0", "1e6"))
+    assert all(r["grad_norm"] > 1e-2 for r in log(workdir, "out/clip_1e-3") if "grad_norm" in r)  # so 1e-3 clips
+    assert not all(torch.equal(tiny[k], off[k]) for k in off)
+    assert all(torch.equal(huge[k], off[k]) for k in off)
+
+
+def test_adamw_betas_are_beta1_then_beta2(workdir):
+    for optimizer in ("adamw", "muon"):
+        train(workdir, "--max_iters=1", "--eval_interval=1", "--beta1=0.8", "--beta2=0.99", f"--optimizer={optimizer}",
+              f"--out_dir=out/betas_{optimizer}")
+        state = torch.load(workdir / "out" / f"betas_{optimizer}" / "ckpt.pt", weights_only=True)["optimizer"]
+        groups = state["param_groups"] if optimizer == "adamw" else state["adamw"]["param_groups"]
+        assert groups and all(tuple(g["betas"]) == (0.8, 0.99) for g in groups)
+
+
+def test_val_bpb_is_the_nats_of_text_tokens_over_their_bytes(workdir):
+    from sample import load_model
+
+    train(workdir, "--max_iters=2", "--eval_interval=2", "--dtype=float32", "--out_dir=out/bpb")
+    last = [r for r in log(workdir, "out/bpb") if "val_bpb" in r][-1]
+    assert last["step"] == 2  # the checkpoint's weights
+    model, tok = load_model(str(workdir / "out" / "bpb"), "cpu")
+    n_ctx = model.config.n_ctx
+    val = np.fromfile(workdir / "data" / "sample" / "val.bin", dtype="<u2").astype(np.int64)
+    # eval_seqs=8 windows of n_ctx + 1 tokens, spread evenly from the start of val.bin to its last full window
+    starts = np.linspace(0, len(val) - n_ctx - 1, num=8).astype(np.int64)
+    rows = torch.from_numpy(np.stack([val[s:s + n_ctx + 1] for s in starts]))
+    with torch.no_grad():
+        logits = model(rows[:, :-1])[0]
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), rows[:, 1:].reshape(-1), reduction="none")
+    nbytes = torch.tensor(tok.token_bytes(), dtype=torch.float64)[rows[:, 1:].reshape(-1)]
+    assert (nbytes == 0).sum() >= 2  # BOS and EOS among the targets: their nats are left out
+    assert last["val_loss"] == pytest.approx(nll.mean().item(), rel=1e-4)
+    text = nbytes > 0
+    assert last["val_bpb"] == pytest.approx(nll.double()[text].sum().item() / (math.log(2) * nbytes.sum().item()), rel=1e-4)
