@@ -10,7 +10,8 @@
 Each mode writes a JSON report, the same numbers as a markdown table, and PNG plots (when matplotlib is
 installed) to --eval_dir: <out_dir>/eval for a model, out/<name>/eval_hf for a Hugging Face folder
 hf/<name> (export.py's, or a published SimpleStories model: give --dataset, bins that prepare.py made with
-the folder's tokenizer.json), out/data_report for datasets.
+the folder's tokenizer.json), out/data_report for datasets. A model's reports on other bins than its val
+split go to a folder inside: eval/<dataset> for --dataset, then train for --split=train.
 
 Loss (loss.json, loss.md, loss_by_label.png, loss_by_position.png, loss_by_story.parquet): every story of the
 val split of the model's dataset (data/<dataset>, --dataset to choose another with the same tokenizer) is
@@ -412,7 +413,8 @@ def parse_args(argv=None):
     g.add_argument("--step", type=int, default=None, help="the snapshot of this step of --out_dir (train.py --keep_checkpoints)")
     g.add_argument("--dataset", default="", help="evaluate on data/<dataset> (default: the dataset the model trained on)")
     g.add_argument("--split", default="val", choices=("val", "train"), help="the bins' split to evaluate on")
-    g.add_argument("--eval_dir", default="", help="where the reports go (default: <out_dir>/eval, out/<name>/eval_hf for --hf_dir, or out/data_report)")
+    g.add_argument("--eval_dir", default="", help="where the reports go (default: <out_dir>/eval, out/<name>/eval_hf for --hf_dir, or out/data_report; "
+                                                   "a folder inside for --step, --dataset and --split=train)")
     g.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     g.add_argument("--batch_size", type=int, default=16, help="sequences scored or sampled at a time")
     g.add_argument("--stride", type=int, default=0, help="tokens a window moves along a story longer than n_ctx (0: n_ctx/2)")
@@ -491,10 +493,13 @@ def parse_args(argv=None):
         if args.hf_dir:  # not inside the model's folder, which may be uploaded whole
             # eval_hf: beside, not over, the reports of a run of the same name (export.py --out_dir=out/5m --hf_dir=hf/5m)
             args.eval_dir = os.path.join("out", os.path.basename(os.path.normpath(args.hf_dir)), "eval_hf")
-        else:
-            args.eval_dir = os.path.join(args.out_dir, "eval") if args.out_dir else os.path.join("out", "data_report")
-            if args.step is not None:  # beside the final model's reports, not over them
-                args.eval_dir = os.path.join(args.eval_dir, f"step_{args.step:07d}")
+        elif not args.out_dir:
+            args.eval_dir = os.path.join("out", "data_report")
+        else:  # a snapshot's reports, and those on other bins, beside the final model's on its val split, not over them
+            args.eval_dir = os.path.join(args.out_dir, "eval", *([f"step_{args.step:07d}"] if args.step is not None else []),
+                                         *([args.dataset] if args.dataset else []))
+        if (args.out_dir or args.hf_dir) and args.split != "val":
+            args.eval_dir = os.path.join(args.eval_dir, args.split)
     problem = folder_problem(args.eval_dir)  # found now, not after the work
     if problem:
         die(f"--eval_dir={args.eval_dir} cannot be written: {problem}")

@@ -230,6 +230,17 @@ def test_loss_mode_refuses_bad_inputs_in_one_line(tiny, tmp_path, monkeypatch):
 # the judge
 
 
+def test_reports_on_other_bins_or_a_snapshot_go_beside_the_models_own(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    eval_dir = {flags: evaluate.parse_args(["--out_dir=out/5m", *flags]).eval_dir for flags in [
+        (), ("--split=train",), ("--dataset=other",), ("--dataset=other", "--split=train"), ("--step=512", "--split=train")]}
+    assert list(eval_dir.values()) == [os.path.join("out", "5m", "eval", *parts) for parts in [
+        (), ("train",), ("other",), ("other", "train"), ("step_0000512", "train")]]
+    assert evaluate.parse_args(["--hf_dir=hf/5m", "--dataset=d", "--split=train"]).eval_dir == os.path.join(
+        "out", "5m", "eval_hf", "train")
+    assert evaluate.parse_args(["--out_dir=out/5m", "--eval_dir=mine", "--split=train"]).eval_dir == "mine"
+
+
 def test_parse_grade_takes_grades_and_names_what_is_not_one():
     scores = {"originality": 70, "coherence": 61, "grammar": 90, "quality": 65}
     assert judge.parse_grade(json.dumps({"explanation": "ok", **scores})) == (scores, "ok")
