@@ -542,8 +542,13 @@ if __name__ == "__main__":
     benchmarks = {"generate": generate, "train_step": train_step, "data_wait": data_wait, "kv_cache": kv_cache,
                   "optimizers": optimizers, "mlp_width": mlp_width, "openers": openers, "sampling": sampling, "profile": profile,
                   "gpu": gpu}
-    if len(sys.argv) < 2 or sys.argv[1] not in benchmarks or not all("=" in a for a in sys.argv[2:]):
-        sys.exit(f"usage: python bench.py {{{'|'.join(benchmarks)}}} [argument=value ...]")
+    usage = f"usage: python bench.py {{{'|'.join(benchmarks)}}} [argument=value ...]"
+    if len(sys.argv) < 2:
+        sys.exit(usage)
+    if sys.argv[1] not in benchmarks:
+        sys.exit(f"bench.py: no benchmark {sys.argv[1]!r}; {usage}")
+    if not all("=" in a for a in sys.argv[2:]):
+        sys.exit(f"bench.py {sys.argv[1]}: {next(a for a in sys.argv[2:] if '=' not in a)!r} is not argument=value; {usage}")
 
     def value(text):
         try:

@@ -113,8 +113,11 @@ def main():
     for flag in ("batch_size", "measure_batches"):
         if getattr(args, flag) < 1:
             die(f"--{flag}={getattr(args, flag)} must be at least 1")
-    if not all(math.isfinite(v) and v >= 0 for v in (args.learning_rate, args.weight_decay, args.grad_clip)):
-        die("--learning_rate, --weight_decay and --grad_clip must be finite numbers, 0 or more")
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        die(f"--learning_rate={args.learning_rate} must be a finite number above 0: at 0 the fine-tuning changes nothing")
+    for name in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(args, name)) and getattr(args, name) >= 0):
+            die(f"--{name}={getattr(args, name)} must be a finite number, 0 or more")
     out = args.out or args.out_dir.rstrip("/") + "_normfree"
     out_path = os.path.join(out, "ckpt.pt")
     if os.path.exists(out_path) and not args.overwrite:

@@ -95,6 +95,10 @@ def test_an_unknown_argument_is_refused_in_one_line():
                             text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.strip() == \
         "bench.py kv_cache: n_tokens='abc' must be of type int, like its default 256"
+    for argv, start in ((["nosuch"], "bench.py: no benchmark 'nosuch'; usage: python bench.py {generate|"),
+                        (["kv_cache", "n_tokens"], "bench.py kv_cache: 'n_tokens' is not argument=value; usage: ")):
+        result = subprocess.run([sys.executable, f"{REPO}/bench.py", *argv], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and result.stderr.strip().startswith(start), result.stderr
 
 
 def test_a_missing_input_is_one_line(tmp_path):

@@ -184,7 +184,11 @@ def test_remove_norms_end_to_end(workdir):
                                                       "--out=out/x", cwd=workdir))
     assert "does not exist" in one_error_line(run("remove_norms.py", "--out_dir=out/missing", cwd=workdir))
     assert "exists" in one_error_line(run("remove_norms.py", "--out_dir=out/withnorm", cwd=workdir))
-    assert "must be finite numbers" in one_error_line(run("remove_norms.py", *args, "--learning_rate=inf", cwd=workdir))
+    for bad in ("inf", "0"):  # at 0 the fine-tuning would change nothing
+        assert f"--learning_rate={float(bad)} must be a finite number above 0" in one_error_line(
+            run("remove_norms.py", *args, f"--learning_rate={bad}", cwd=workdir))
+    assert "--grad_clip=-1.0 must be a finite number, 0 or more" in one_error_line(
+        run("remove_norms.py", *args, "--grad_clip=-1", cwd=workdir))
     # a fine-tuning that diverges writes nothing, and leaves the checkpoint it would have replaced as it was
     written = (workdir / "out" / "withnorm_normfree" / "ckpt.pt").read_bytes()
     line = one_error_line(run("remove_norms.py", *args, "--learning_rate=1e9", cwd=workdir))
