@@ -151,6 +151,30 @@ def fingerprint(args):
             "top_p": args.top_p, "shard": args.shard}
 
 
+def differences(made_with, wanted):
+    """The arguments of a fingerprint that differ from those an output was made with, as the flags to give."""
+    return [f"another --axes file (sha256 {str(made_with.get(key))[:12]}, not {v[:12]})"
+            if key == "axes_sha256" else f"--{key}={made_with.get(key)}, not {v}"
+            for key, v in wanted.items() if made_with.get(key) != v]
+
+
+def dry_run_notes(args):
+    """What a dry run says of the output a run would go on from: the stories it holds, and arguments it refuses."""
+    try:
+        with open(args.out + ".run.json") as f:
+            other = differences(json.load(f), fingerprint(args))
+        with open(args.out, "rb") as f:
+            count = sum(line.endswith(b"\n") for line in f)
+    except (OSError, ValueError, AttributeError):  # no output yet; a damaged one is named by the run itself
+        return
+    if other:
+        print(f"note: {args.out} was made with {', '.join(other)}: a run with these arguments is refused; use the "
+              f"same ones, or another --out\n")
+    elif count:
+        print(f"note: {args.out} holds {count:,} stories: a run goes on from there, for the "
+              f"{max(0, args.target - count):,} still to make; the figures below are for all {args.target:,}\n")
+
+
 def complete_lines(file, path):
     """(line number, line) of a file opened with "ab+"; a torn last line, the write a crash cut, is cut off."""
     file.seek(0)
@@ -214,9 +238,7 @@ class Output:
         held = any(os.fstat(f.fileno()).st_size for f in (self.file, self.dropped)) or os.path.exists(
             path + ".batches.json")
         if made_with is not None and held:
-            other = [f"another --axes file (sha256 {str(made_with.get(key))[:12]}, not {v[:12]})"
-                     if key == "axes_sha256" else f"--{key}={made_with.get(key)}, not {v}"
-                     for key, v in wanted.items() if made_with.get(key) != v]
+            other = differences(made_with, wanted)
             if other:
                 die(f"{path} was made with {', '.join(other)}: use the same arguments, or another --out")
         for n, line in complete_lines(self.file, path):
@@ -512,6 +534,7 @@ def main(argv=None):
     args = parse_args(argv)
     axes, names = load_axes(args.axes)
     if args.dry_run:
+        dry_run_notes(args)
         dry_run(args, axes, names)
         return
     api_key = os.environ.get("OPENAI_API_KEY")

@@ -146,6 +146,21 @@ def test_dry_run_prints_prompts_counts_independence_and_cost(capsys):
     assert "tokens:" in out and "cost: $" in out
 
 
+def test_dry_run_says_what_the_output_holds_and_which_arguments_it_refuses(monkeypatch, tmp_path, server, capsys):
+    out = tmp_path / "stories.jsonl"
+    generate(monkeypatch, server, out, "--n_stories=8")
+    count = len(read(out))
+    capsys.readouterr()
+    gs.main(["--dry_run", "--n_stories=40", "--n_examples=0", f"--out={out}"])
+    assert f"note: {out} holds {count} stories: a run goes on from there, for the {40 - count} still to make" in \
+        capsys.readouterr().out
+    gs.main(["--dry_run", "--n_stories=40", "--n_examples=0", f"--out={out}", "--temperature=0.5"])
+    assert f"note: {out} was made with --temperature=1.0, not 0.5: a run with these arguments is refused" in \
+        capsys.readouterr().out
+    gs.main(["--dry_run", "--n_stories=40", "--n_examples=0", f"--out={tmp_path / 'new.jsonl'}"])
+    assert "note:" not in capsys.readouterr().out
+
+
 def test_dry_run_cost_prices_each_token_count_at_its_own_price(capsys):
     gs.main(["--dry_run", "--n_stories=40000", "--n_examples=1", "--price_in=1", "--price_out=100"])
     out = capsys.readouterr().out
