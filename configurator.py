@@ -56,7 +56,7 @@ def boolean(s):
 def run_folder(s):
     """A training run's folder (--out_dir), for argparse's type=: not a file given in its place, such as its ckpt.pt."""
     if os.path.isfile(s):
-        raise argparse.ArgumentTypeError(f"{s} is a file; give the run's folder, the one that holds ckpt.pt")
+        raise argparse.ArgumentTypeError(f"{s} is a file, not a folder; give the run's folder, the one that holds ckpt.pt")
     return s
 
 

@@ -135,7 +135,7 @@ given = configurator.parse(sys.argv[1:], DEFAULTS, __doc__, __file__)  # config 
 settings = {**DEFAULTS, **given}
 ckpt_path = os.path.join(settings["out_dir"], "ckpt.pt")
 if os.path.isfile(settings["out_dir"]):
-    die(f"out_dir={settings['out_dir']} is a file; give the run's folder, the one that holds ckpt.pt")
+    die(f"out_dir={settings['out_dir']} is a file, not a folder; give the run's folder, the one that holds ckpt.pt")
 checkpoint, imported = None, False  # imported: a checkpoint export.py made from a Hugging Face model, without training settings
 if settings["init_from"] == "resume":
     if not os.path.isfile(ckpt_path):

@@ -28,7 +28,7 @@ def test_out_dir_naming_the_checkpoint_file_says_to_give_the_run_folder(tmp_path
     (tmp_path / "out" / "run" / "ckpt.pt").write_bytes(b"")
     extra = ["--init_from=resume"] if script == "train.py" else ["--hf_dir=hf/run"] if script == "export.py" else []
     line = one_error_line(run(script, "--out_dir=out/run/ckpt.pt", *extra, cwd=tmp_path))
-    assert "out/run/ckpt.pt is a file; give the run's folder, the one that holds ckpt.pt" in line
+    assert "out/run/ckpt.pt is a file, not a folder; give the run's folder, the one that holds ckpt.pt" in line
 
 
 def test_a_help_that_tells_its_default_is_not_given_a_second_one():
