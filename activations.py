@@ -335,7 +335,8 @@ def main(argv=None):
     except KeyboardInterrupt:  # the shards so far stay, without the manifest that would make them a finished run
         die(f"interrupted: {args.act_dir} holds a run that did not finish; run again with --overwrite=True" if touched
             else f"interrupted before anything was written to {args.act_dir}")
-    print(f"wrote {n_tokens:,} rows ({n_stories:,} stories) of {', '.join(sites)} in {len(shards)} shards to "
+    print(f"wrote {n_tokens:,} rows ({n_stories:,} {'story' if n_stories == 1 else 'stories'}) of {', '.join(sites)} in "
+          f"{len(shards)} {'shard' if len(shards) == 1 else 'shards'} to "
           f"{args.act_dir} in {seconds:.1f} s ({n_tokens / seconds:,.0f} tokens/s)")
 
 

@@ -321,6 +321,11 @@ def story_ranges(data_dir, split="val", **labels):
             values = pa.array(list(wanted), type=value_type)
         except (pa.ArrowException, TypeError, ValueError):
             raise ValueError(f"label {key} holds {value_type} values, not {list(wanted)!r}") from None
+        if pa.types.is_string(value_type):  # a value the split lacks is fine, one it holds in other case is a typo
+            held = {v.casefold(): v for v in pc.unique(column).to_pylist() if v is not None}
+            for v in set(wanted) - set(held.values()):
+                if v.casefold() in held:
+                    raise ValueError(f"label {key} has no value {v!r}; the {split} split holds {held[v.casefold()]!r}")
         mask = pc.and_(mask, pc.fill_null(pc.is_in(column, value_set=values), False))
     chosen = table.filter(mask)
     start = chosen["offset"].to_numpy().astype(np.int64)
@@ -348,7 +353,7 @@ def main():
     elif args.input.startswith(HUB):
         data_dir = os.path.join("data", input_name(args.input))
     else:
-        data_dir = os.path.dirname(os.path.abspath(input_files(args.input)[0]))
+        data_dir = os.path.dirname(input_files(args.input)[0]) or os.curdir
     meta = prepare(args.input, args.tokenizer, data_dir, args.val_fraction, args.chunk_stories, val_input)
     for s in SPLITS:
         print(f"{os.path.join(data_dir, s + '.bin')}: {meta[s]['stories']:,} stories, {meta[s]['tokens']:,} tokens")

@@ -90,6 +90,8 @@ def test_story_ranges_match_retokenizing_the_stories(workdir, tmp_path):
     assert prepare.story_ranges(str(tmp_path), "val", persona="").tolist() == naive(lambda r: r["persona"] == "")
     assert len(prepare.story_ranges(str(tmp_path), "val")) == len(val)
     assert len(prepare.story_ranges(str(tmp_path), "val", theme="no such theme")) == 0
+    with pytest.raises(ValueError, match=f"label theme has no value {theme.lower()!r}; the val split holds {theme!r}"):
+        prepare.story_ranges(str(tmp_path), "val", theme=[theme.lower(), "no such theme"])
     with pytest.raises(ValueError, match="no label 'colour'"):
         prepare.story_ranges(str(tmp_path), "val", colour="red")
     for bad in ("three", 2.5, [3, 2.5], True):  # pyarrow alone would read 2.5 as 2 and True as 1
