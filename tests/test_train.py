@@ -352,9 +352,10 @@ def fake_gpu(cwd, script, *args, env=None):
 
 
 def test_readme_gpu_command_starts_on_one_gpu(workdir, tmp_path):
-    # `python train.py configs/5m.py` with only what makes it small enough for a CPU
+    # `python train.py configs/5m.py` with only what makes it small enough for a CPU (one window a step: in bf16, on a CPU
+    # without bf16 units, the 5M takes ~5 s a window)
     result = fake_gpu(workdir, "train.py", os.path.join(REPO, "configs", "5m.py"), "--dataset=sample", "--out_dir=out/gpu", "--max_iters=2",
-                      "--tokens_per_step=2048", "--eval_interval=2", "--eval_seqs=2", "--log_interval=1", "--warmup_iters=1",
+                      "--tokens_per_step=512", "--eval_interval=2", "--eval_seqs=1", "--log_interval=1", "--warmup_iters=1",
                       "--sample_tokens=8", "--compile=False", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
     assert result.returncode == 0, result.stderr
     assert "5,374,208 parameters | 1 x cuda:0 bfloat16" in result.stdout and "Warning" not in result.stderr
@@ -373,7 +374,8 @@ def test_cuda_graphs_mode_marks_each_replay_on_a_gpu(workdir, tmp_path, mode, gr
     # with CUDA graphs (reduce-overhead, max-autotune) each forward, training step or val batch, starts a new replay:
     # 4 steps of one micro-step, and 3 evaluations (steps 0, 2, 4) of one val batch
     tiny = [a for a in TINY if a not in ("--device=cpu", "--compile=False")]
-    result = fake_gpu(workdir, "train.py", *tiny, f"--out_dir=out/{mode}", "--max_iters=4", "--batch_size=8", "--eval_interval=2",
+    result = fake_gpu(workdir, "train.py", *tiny, f"--out_dir=out/{mode}", "--max_iters=4", "--tokens_per_step=256", "--batch_size=2",
+                      "--eval_seqs=2", "--eval_interval=2",
                       f"--compile_mode={mode}", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
     assert result.returncode == 0, result.stderr
     assert f"1 x cuda:0 bfloat16 | compile=True {mode} |" in result.stdout and [r["step"] for r in log(workdir, f"out/{mode}")][-1] == 4
