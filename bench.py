@@ -89,13 +89,15 @@ def suite_config(name):
     return GPTConfig(**{k: settings[k] for k in ("n_layers", "d_model", "n_heads") if k in settings})
 
 
-def train_step(compile=None):
+def train_step(compile=None, rounds=5):
     """One AdamW training step (forward, backward, update) on CPU, batch 8 x 512, of our GPT and of transformers'
-    LlamaForCausalLM (SDPA attention) of the same shape, timed in turns in one process so that drift hits both; the
-    best of three rounds of medians. Four pairings: ours as train.py runs it here (compiled, in bfloat16 autocast where
-    dtype='auto' picks it: a CPU with AMX) against transformers as its users run it (eager, float32); both eager in
-    float32; both compiled in float32; both eager in bfloat16 autocast. compile=True or False: only the float32 pair,
-    both compiled or both eager."""
+    LlamaForCausalLM (SDPA attention) of the same shape, timed in turns in one process so that drift hits both: in
+    each of `rounds` rounds every step's median of three; the best round of each, and the range of the ratio over the
+    rounds (how far this machine's noise moves it). Pairings: ours as train.py runs it here (compiled, in bfloat16
+    autocast where dtype='auto' picks it: a CPU with AMX) against transformers as its users run it (eager, float32);
+    both eager in float32; both compiled in float32; and, on a CPU with AMX, both eager in bfloat16 autocast (without
+    bf16 units it is 10x slower than float32 and train.py never runs it). compile=True or False: only the float32
+    pair, both compiled or both eager."""
     from contextlib import nullcontext
 
     import torch
@@ -106,7 +108,7 @@ def train_step(compile=None):
 
     auto = "bfloat16" if bf16_is_fast("cpu") else "float32"
     pairs = {None: [((True, auto), (False, "float32")), ((False, "float32"), (False, "float32")),
-                    ((True, "float32"), (True, "float32")), ((False, "bfloat16"), (False, "bfloat16"))],
+                    ((True, "float32"), (True, "float32"))] + [((False, "bfloat16"), (False, "bfloat16"))] * (auto == "bfloat16"),
              True: [((True, "float32"), (True, "float32"))], False: [((False, "float32"), (False, "float32"))]}[compile]
     for name in ("1.25m", "5m"):
         c = suite_config(name)
@@ -132,7 +134,7 @@ def train_step(compile=None):
             steps.setdefault(("ours", *ours_way), step_of(ours, lambda m: m(x, y)[1], *ours_way))
             steps.setdefault(("llama", *llama_way), step_of(llama, lambda m: m(input_ids=x, labels=y).loss, *llama_way))
         times = {k: [] for k in steps}
-        for _ in range(3):
+        for _ in range(rounds):
             for k, step in steps.items():
                 times[k].append(median_seconds(step, 3))
         best = {k: min(v) for k, v in times.items()}
@@ -141,8 +143,10 @@ def train_step(compile=None):
             return f"{'compiled' if compiled else 'eager'} {dtype}"
         for ours_way, llama_way in pairs:
             a, b = best[("ours", *ours_way)], best[("llama", *llama_way)]
+            ratios = [t / o for o, t in zip(times[("ours", *ours_way)], times[("llama", *llama_way)])]
             print(f"train_step {name}: ours {way(*ours_way)} {a * 1000:.0f} ms, transformers Llama {way(*llama_way)} "
-                  f"{b * 1000:.0f} ms, ours is {b / a:.2f}x as fast", flush=True)
+                  f"{b * 1000:.0f} ms, ours is {b / a:.2f}x as fast ({min(ratios):.2f}x-{max(ratios):.2f}x over "
+                  f"{rounds} rounds)", flush=True)
 
 
 def data_wait(max_iters=60):
