@@ -115,7 +115,7 @@ def main():
     parser.add_argument("--seed", type=int, default=1337, help="seeds the sampling")
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda', 'cuda:N', 'mps'")
     parser.add_argument("--compile", type=boolean, nargs="?", const=True, default=False,
-                        help="compile the decode step (once per batch size and 64 positions: 20-35 s on a CPU): for many prompts")
+                        help="compile the decode step (once per batch size and 64 positions: 20 s-3 min on a CPU): for many prompts")
     args = parser.parse_args()
     for name in ("num_samples", "max_new_tokens"):
         if getattr(args, name) < 1:
