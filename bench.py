@@ -344,6 +344,8 @@ def sampling(n_tokens=400, batch_sizes=(1, 32), rounds=3, device="cpu"):
     process; the best of `rounds` runs each, after one warm-up run (for compile=True, the compilation: its
     time is printed). Also the share of generated tokens on which ours and transformers agree (greedy
     decoding diverges for good at the first near-tie that float noise flips)."""
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be at least 1")
     import torch
 
     from model import GPT

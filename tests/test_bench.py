@@ -100,6 +100,9 @@ def test_an_unknown_argument_is_refused_in_one_line():
     result = subprocess.run([sys.executable, f"{REPO}/bench.py", "train_step", "rounds=0"], capture_output=True,
                             text=True, timeout=60)  # refused before any model is built or timed
     assert result.returncode == 1 and result.stderr.strip() == "bench.py train_step: rounds=0 must be at least 1"
+    result = subprocess.run([sys.executable, f"{REPO}/bench.py", "sampling", "rounds=0"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.strip() == "bench.py sampling: rounds=0 must be at least 1"
     for argv, start in ((["nosuch"], "bench.py: no benchmark 'nosuch'; usage: python bench.py {generate|"),
                         (["kv_cache", "n_tokens"], "bench.py kv_cache: 'n_tokens' is not argument=value; usage: ")):
         result = subprocess.run([sys.executable, f"{REPO}/bench.py", *argv], capture_output=True, text=True, timeout=60)
