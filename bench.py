@@ -447,15 +447,17 @@ def profile(config="5m", batch_size=8, device="cpu", steps=3, rows=20):
     print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80), flush=True)
 
 
-GPU_RUNS = [  # (name, config, micro-batch, flags): train.py as users run it on one GPU (bf16 autocast, compiled, fused AdamW)
+GPU_RUNS = [  # (name, config, micro-batch, flags): train.py as users run it on one GPU (bf16 autocast, compiled, fused AdamW; CUDA graphs
+    # where a step is one micro-step, compile_mode='auto')
     *[(f"{c} batch 256", c, 256, ["--tokens_per_step=131072"]) for c in ("1.25m", "5m", "11m", "30m", "35m")],
     ("35m max-autotune", "35m", 256, ["--tokens_per_step=131072", "--compile_mode=max-autotune-no-cudagraphs"]),
     ("35m batch 512", "35m", 512, ["--tokens_per_step=262144"]),
     ("5m recipe", "5m", 64, []),  # the config as it is: 32,768 tokens a step, one micro-step of 64
     ("35m recipe", "35m", 32, []),  # two micro-steps of 32
     ("5m torchrun", "5m", 64, []),
-    ("1.25m cuda graphs", "1.25m", 64, ["--compile_mode=reduce-overhead"]),
-    ("5m cuda graphs", "5m", 64, ["--compile_mode=reduce-overhead"]),
+    ("35m batch 256 no cuda graphs", "35m", 256, ["--tokens_per_step=131072", "--compile_mode=default"]),
+    ("1.25m no cuda graphs", "1.25m", 64, ["--compile_mode=default"]),
+    ("5m no cuda graphs", "5m", 64, ["--compile_mode=default"]),
     ("5m d_mlp x64", "5m", 64, ["--d_mlp_multiple=64"]),
     ("5m muon", "5m", 64, ["--optimizer=muon"]),
     ("1.25m recipe", "1.25m", 64, []),

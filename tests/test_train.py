@@ -255,7 +255,7 @@ def test_sample_prints_stories(workdir):
     (["--decay_fraction=1.5"], "decay_fraction=1.5 must be between 0 and 1"),
     (["--muon_momentum=1.0"], "muon_momentum=1.0 must be at least 0 and below 1"),
     (["--d_mlp_multiple=0"], "d_mlp_multiple=0 must be at least 1"),
-    (["--compile_mode=fast"], "compile_mode='fast' must be 'default', 'reduce-overhead', 'max-autotune-no-cudagraphs' or 'max-autotune'"),
+    (["--compile_mode=fast"], "compile_mode='fast' must be 'auto', 'default', 'reduce-overhead', 'max-autotune-no-cudagraphs' or 'max-autotune'"),
 ])
 def test_bad_settings(tmp_workdir, args, message):
     result = run("train.py", *TINY, *args, cwd=tmp_workdir)
@@ -369,17 +369,31 @@ def test_readme_gpu_command_starts_on_one_gpu(workdir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,graph_steps", [("reduce-overhead", 4 + 3), ("max-autotune", 4 + 3), ("max-autotune-no-cudagraphs", 0)])
-def test_cuda_graphs_mode_marks_each_replay_on_a_gpu(workdir, tmp_path, mode, graph_steps):
-    # with CUDA graphs (reduce-overhead, max-autotune) each forward, training step or val batch, starts a new replay:
-    # 4 steps of one micro-step, and 3 evaluations (steps 0, 2, 4) of one val batch
+@pytest.mark.parametrize("mode,used,graph_steps", [("auto", "reduce-overhead", 4 + 3), ("reduce-overhead", "reduce-overhead", 4 + 3),
+                                                    ("max-autotune", "max-autotune", 4 + 3),
+                                                    ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs", 0)])
+def test_cuda_graphs_mode_marks_each_replay_on_a_gpu(workdir, tmp_path, mode, used, graph_steps):
+    # with CUDA graphs (reduce-overhead, max-autotune, and auto on one GPU with one micro-step a step) each forward,
+    # training step or val batch, starts a new replay: 4 steps of one micro-step, and 3 evaluations (steps 0, 2, 4) of one val batch
     tiny = [a for a in TINY if a not in ("--device=cpu", "--compile=False")]
     result = fake_gpu(workdir, "train.py", *tiny, f"--out_dir=out/{mode}", "--max_iters=4", "--tokens_per_step=256", "--batch_size=2",
-                      "--eval_seqs=2", "--eval_interval=2",
-                      f"--compile_mode={mode}", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
+                      "--eval_seqs=2", "--eval_interval=2", *([] if mode == "auto" else [f"--compile_mode={mode}"]),
+                      env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
     assert result.returncode == 0, result.stderr
-    assert f"1 x cuda:0 bfloat16 | compile=True {mode} |" in result.stdout and [r["step"] for r in log(workdir, f"out/{mode}")][-1] == 4
+    assert f"1 x cuda:0 bfloat16 | compile=True {used} |" in result.stdout and [r["step"] for r in log(workdir, f"out/{mode}")][-1] == 4
     assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == graph_steps
+    assert torch.load(workdir / "out" / mode / "ckpt.pt", weights_only=True)["train_config"]["compile_mode"] == mode  # resumes choose again
+
+
+@pytest.mark.slow
+def test_auto_compile_mode_leaves_cuda_graphs_out_with_gradient_accumulation(workdir, tmp_path):
+    # two micro-steps a step: auto takes the default mode, with no CUDA graphs, where reduce-overhead would be refused
+    tiny = [a for a in TINY if a not in ("--device=cpu", "--compile=False")]
+    result = fake_gpu(workdir, "train.py", *tiny, "--out_dir=out/auto_accum", "--max_iters=2", "--tokens_per_step=256", "--batch_size=1",
+                      "--eval_seqs=1", "--eval_interval=2", env={"FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")})
+    assert result.returncode == 0, result.stderr
+    assert "1 x cuda:0 bfloat16 | compile=True | 256 tokens/step = 2 micro-steps" in result.stdout
+    assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == 0
 
 
 @pytest.mark.parametrize("mode,instead", [("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs")])
