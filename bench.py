@@ -447,8 +447,9 @@ def profile(config="5m", batch_size=8, device="cpu", steps=3, rows=20):
     print(prof.key_averages().table(sort_by=sort, row_limit=rows, max_name_column_width=80), flush=True)
 
 
-GPU_RUNS = [  # (name, config, micro-batch, flags): train.py as users run it on one GPU (bf16 autocast, compiled, fused AdamW; CUDA graphs
-    # where a step is one micro-step, compile_mode='auto')
+# (name, config, micro-batch, flags): train.py as users run it on one GPU: bf16 autocast, compiled, fused AdamW, and
+# CUDA graphs where a step is one micro-step (compile_mode='auto')
+GPU_RUNS = [
     *[(f"{c} batch 256", c, 256, ["--tokens_per_step=131072"]) for c in ("1.25m", "5m", "11m", "30m", "35m")],
     ("35m max-autotune", "35m", 256, ["--tokens_per_step=131072", "--compile_mode=max-autotune-no-cudagraphs"]),
     ("35m batch 512", "35m", 512, ["--tokens_per_step=262144"]),
