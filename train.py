@@ -181,7 +181,9 @@ config = {k: globals()[k] for k in DEFAULTS}  # what this run uses, saved in the
 
 # ----------------------------------------------------------------------------------------------
 # devices and processes
-ddp = "RANK" in os.environ  # set by torchrun
+# torchrun sets RANK and WORLD_SIZE. One process under it runs as without it, with no DDP, which has nothing to share
+# in a group of one (wrapped in DDP, a 5M step took 18.9 ms on an H100 against 11.4)
+ddp = "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
 if ddp:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
 else:
@@ -190,8 +192,8 @@ device = configurator.pick_device(device, local_rank if ddp else None)
 device_type = device.split(":")[0]
 if ddp:
     dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    if device_type == "cpu":  # share the cores between the processes on this machine
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+if device_type == "cpu" and "LOCAL_WORLD_SIZE" in os.environ:  # torchrun sets OMP_NUM_THREADS=1: share the cores instead
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
 master = rank == 0
 if dtype == "auto":
     dtype = "bfloat16" if configurator.bf16_is_fast(device_type) else "float32"

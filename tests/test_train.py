@@ -396,6 +396,20 @@ def test_auto_compile_mode_leaves_cuda_graphs_out_with_gradient_accumulation(wor
     assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == 0
 
 
+@pytest.mark.slow
+def test_torchrun_with_one_process_runs_as_without_it(workdir, tmp_path):
+    # torchrun --nproc_per_node=1 on one GPU: no process group and no DDP (which NCCL would need, and which made a 5M step
+    # 1.66x slower on an H100), so auto takes CUDA graphs as a plain run does
+    tiny = [a for a in TINY if a not in ("--device=cpu", "--compile=False")]
+    torchrun = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": "1", "OMP_NUM_THREADS": "1", "FAKE_CUDA_COUNTS": str(tmp_path / "counts.json")}
+    result = fake_gpu(workdir, "train.py", *tiny, "--out_dir=out/torchrun_one", "--max_iters=2", "--tokens_per_step=256",
+                      "--batch_size=2", "--eval_seqs=2", "--eval_interval=2", env=torchrun)
+    assert result.returncode == 0, result.stderr
+    assert "1 x cuda:0 bfloat16 | compile=True reduce-overhead |" in result.stdout
+    assert json.load(open(tmp_path / "counts.json"))["cuda graph steps"] == 2 + 2
+
+
 @pytest.mark.parametrize("mode,instead", [("reduce-overhead", "default"), ("max-autotune", "max-autotune-no-cudagraphs")])
 def test_cuda_graphs_mode_refuses_gradient_accumulation(workdir, mode, instead):
     # the next micro-step's replay would overwrite the gradients being summed: refused before anything is written
