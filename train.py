@@ -76,7 +76,7 @@ norm = "rms"  # 'rms': RMSNorm; 'none': no normalization (each norm a fixed scal
 tokens_per_step = 32768  # global batch in tokens, whatever the number of devices
 batch_size = 16  # sequences per device per micro-step, at most; gradient accumulation makes up tokens_per_step
 max_iters = 20000  # optimizer steps
-optimizer = "adamw"  # 'adamw', or 'muon': torch.optim.Muon on the attention and MLP matrices, AdamW on embedding and norms
+optimizer = "adamw"  # 'adamw', or 'muon': Muon (model.Muon) on the attention and MLP matrices, AdamW on embedding and norms
 learning_rate = 1e-3  # peak learning rate (AdamW's), reached after warmup_iters
 muon_lr = 0.0  # Muon's peak learning rate, on AdamW's scale (Muon matches its update's size to AdamW's); 0: learning_rate
 muon_momentum = 0.95  # Muon's Nesterov momentum
@@ -169,9 +169,6 @@ if init_from == "scratch" and os.path.exists(ckpt_path) and not overwrite:
 problem = configurator.folder_problem(out_dir)  # found now, not after the data and model are set up
 if problem:
     die(f"out_dir={out_dir} cannot be written: {problem}; choose another --out_dir")
-if optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-    die(f"optimizer=muon needs torch.optim.Muon, in torch 2.9 and newer, and this is torch {torch.__version__}: "
-        f"upgrade torch or use optimizer=adamw")
 if wandb_log:
     try:
         import wandb
@@ -351,7 +348,8 @@ if checkpoint is not None:
     raw_model.load_state_dict(checkpoint["model"])
 opt = raw_model.configure_optimizer(learning_rate, weight_decay, (beta1, beta2), fused=device_type == "cuda",
                                     state=checkpoint["optimizer"] if checkpoint and checkpoint["meta"] else None, optimizer=optimizer,
-                                    muon_lr=muon_lr, muon_momentum=muon_momentum)
+                                    muon_lr=muon_lr, muon_momentum=muon_momentum,
+                                    muon_dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)  # bf16 where it is fast
 loss_sum, loss_steps = torch.zeros((), device=device), 0  # training loss since the last log line
 if checkpoint is not None:
     loss_sum += checkpoint["loss_since_log"][0]

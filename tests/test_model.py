@@ -1,5 +1,6 @@
 """model.py against its contracts: exact suite sizes, causality, RoPE's formula, the KV cache, Llama."""
 
+import copy
 import dataclasses
 import math
 import os
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from configurator import read_config
 from conftest import REPO
-from model import GPT, GPTConfig, apply_rope, decode_attention, rope_cos_sin
+from model import GPT, GPTConfig, Muon, apply_rope, decode_attention, rope_cos_sin
 
 MODEL_KEYS = ("n_layers", "d_model", "n_heads", "n_kv_heads", "d_mlp", "n_ctx", "d_vocab", "rope_base", "norm_eps")
 SUITE = {"1.25m": 1_245_824, "5m": 5_374_208, "11m": 11_015_040, "30m": 29_627_904, "35m": 35_133_952}
@@ -348,7 +349,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     assert {names[id(p)] for p in hidden["params"]} == {n for n in names.values() if n.endswith("_proj.weight")}
     assert [names[id(p)] for p in decay["params"]] == ["embed.weight"]
     assert all(n.endswith("norm.weight") for n in (names[id(p)] for p in no_decay["params"]))
-    assert isinstance(optimizer.muon, torch.optim.Muon) and optimizer.muon.param_groups[0] is hidden
+    assert isinstance(optimizer.muon, Muon) and optimizer.muon.param_groups[0] is hidden
     assert (hidden["peak_lr"], decay["peak_lr"], no_decay["peak_lr"]) == (2e-3, 1e-3, 1e-3)
     assert hidden["weight_decay"] == decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     default = model.configure_optimizer(1e-3, 0.1, (0.9, 0.95), fused=False, optimizer="muon")
@@ -383,6 +384,55 @@ def test_muon_lowers_the_loss_and_its_state_resumes_exactly():
     muon_steps(resumed, opt_r, batches[2:4])
     for (name, p), q in zip(a.named_parameters(), resumed.parameters()):
         assert torch.equal(p, q), name
+
+
+def muon_reference(params, grads, bufs, lr, weight_decay, momentum):
+    """Muon as written out, one matrix at a time in float64: Nesterov momentum, 5 Newton-Schulz iterations on the
+    wide orientation, decoupled weight decay, a step scaled by 0.2 * sqrt(max(rows, cols))."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    for p, g, buf in zip(params, grads, bufs):
+        buf.mul_(momentum).add_(g, alpha=1 - momentum)
+        x = (momentum * buf + (1 - momentum) * g).double()
+        x = x.T if x.size(0) > x.size(1) else x
+        x = x / x.norm()
+        for _ in range(5):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        x = x.T if p.size(0) > p.size(1) else x
+        p.mul_(1 - lr * weight_decay).sub_(lr * 0.2 * math.sqrt(max(p.shape)) * x.float())
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon is in torch 2.9 and newer")
+def test_muon_is_torch_muon_batched_and_its_float32_is_the_formula():
+    # the 2-layer model's hidden matrices: 4 shapes (q and o, k and v, gate and up, down), 2 or 4 of each
+    model = small_model()
+    hidden = [p.detach() for block in model.blocks for p in block.parameters() if p.dim() == 2]
+    runs = {name: [p.clone() for p in hidden] for name in ("torch", "bf16", "float32", "reference")}
+    settings = dict(lr=1e-2, weight_decay=0.1, momentum=0.9)
+    optimizers = {"torch": torch.optim.Muon(runs["torch"], adjust_lr_fn="match_rms_adamw", **settings),
+                  "bf16": Muon(runs["bf16"], **settings), "float32": Muon(runs["float32"], ns_dtype=torch.float32, **settings)}
+    bufs = [torch.zeros_like(p) for p in hidden]
+    for step in range(4):
+        grads = [torch.randn_like(p) for p in hidden]
+        for name, params in runs.items():
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+        for optimizer in optimizers.values():
+            optimizer.step()
+        muon_reference(runs["reference"], grads, bufs, **settings)
+        moved = max((p - q).abs().max() for p, q in zip(runs["reference"], hidden))
+        assert all(torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(runs["torch"], runs["bf16"]))  # batched, as torch
+        assert all(torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(runs["reference"], runs["float32"]))
+        bf16_error = max((p - q).abs().max() for p, q in zip(runs["reference"], runs["bf16"]))
+        assert 1e-5 < bf16_error < 0.1 * moved  # bf16 iterations: near the formula, not on it
+    # torch's state_dict goes on in ours: a step each, from the same momentum
+    again = Muon([p.clone() for p in runs["torch"]], **settings)
+    again.load_state_dict(copy.deepcopy(optimizers["torch"].state_dict()))  # as from a checkpoint: its own tensors
+    for p, q in zip(again.param_groups[0]["params"], runs["torch"]):
+        p.grad = q.grad = torch.randn_like(p)
+    again.step()
+    optimizers["torch"].step()
+    assert all(torch.allclose(p, q, rtol=0, atol=1e-6) for p, q in zip(again.param_groups[0]["params"], runs["torch"]))
 
 
 def test_d_mlp_multiple_rounds_the_default_width_up():
