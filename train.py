@@ -180,9 +180,10 @@ config = {k: globals()[k] for k in DEFAULTS}  # what this run uses, saved in the
 # devices and processes
 # torchrun sets RANK and WORLD_SIZE. One process under it runs as without it, with no DDP, which has nothing to share
 # in a group of one (wrapped in DDP, a 5M step took 18.9 ms on an H100 against 11.4)
-ddp = "RANK" in os.environ and int(os.environ["WORLD_SIZE"]) > 1
+world_size = int(os.environ.get("WORLD_SIZE", "1"))
+ddp = "RANK" in os.environ and world_size > 1
 if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
 else:
     rank, local_rank, world_size = 0, 0, 1
 device = configurator.pick_device(device, local_rank if ddp else None)
