@@ -4,7 +4,7 @@ Benchmarks: one function per benchmark, named on the command line. Numbers go in
 Usage (arguments of a benchmark's function may follow: python bench.py sampling device=cuda rounds=5):
   python bench.py generate     # generate_stories.py against a local server: requests/s against the ideal, memory
   python bench.py train_step   # a CPU training step of the 1.25M and 5M models against transformers' Llama
-  python bench.py data_wait    # the share of a training step spent waiting for batches from the bins
+  python bench.py data_wait    # a training step on the bins against one on synthetic tokens, and its wait for batches
   python bench.py kv_cache     # sampling 256 tokens with the KV cache against recomputing the sequence
   python bench.py optimizers   # steps to the AdamW-cosine run's final val loss: AdamW or Muon, cosine or warmup-stable-decay
   python bench.py mlp_width    # a training step with d_mlp = int(8 d_model / 3) against it rounded up to a multiple of 64
@@ -12,7 +12,7 @@ Usage (arguments of a benchmark's function may follow: python bench.py sampling 
   python bench.py sampling     # generate() against transformers' generate, batch 1 and 32, 400 new tokens
   python bench.py profile      # the ops a compiled training step spends its time in (e.g. config=35m device=cuda batch_size=256)
   python bench.py gpu          # on a GPU: train.py on every suite config (tokens/s, MFU, memory, start-up, data wait),
-                               # torchrun, CUDA graphs, MLP width, Muon, then sampling on the GPU
+                               # torchrun, CUDA graphs, MLP width, Muon, synthetic data, then sampling on the GPU
 """
 
 import os
@@ -153,27 +153,46 @@ def train_step(compile=None, rounds=5):
                   f"{rounds} rounds)", flush=True)
 
 
-def data_wait(max_iters=60):
-    """train.py on the sample bins (the 5M shape at context 512, a step of 8,192 tokens, eager, on CPU): the share
-    of the step time the loop waits for the next batch, as log.jsonl records it. A step on synthetic tokens
-    already on the device would wait for nothing: this share is what real bins cost over them."""
+def data_wait(config="1.25m", max_iters=40, rounds=3, device="cpu"):
+    """train.py on the sample bins (data/sample here) against train.py on synthetic tokens already on the device
+    (--synthetic_data=True), in turns, rounds times each: config's shape, a step of 8,192 tokens in two micro-steps of
+    8 x 512, eager (the data path is the same compiled). Per run, from log.jsonl, the median over its log lines after
+    the first: the step time and the share of it the loop waited for its next batch. Real bins cost what their step
+    takes over the synthetic one; a reader thread that held the GIL or a core while the step ran shows there, though
+    not in the wait."""
     import json
 
     import numpy as np
 
-    with tempfile.TemporaryDirectory() as out_dir:
-        result = subprocess.run([sys.executable, "train.py", "configs/5m.py", "--dataset=sample", f"--out_dir={out_dir}",
-                                 f"--max_iters={max_iters}", "--tokens_per_step=8192", "--batch_size=8", f"--eval_interval={max_iters}",
-                                 "--eval_seqs=8", "--log_interval=5", "--sample_tokens=0", "--compile=False", "--device=cpu"],
-                                capture_output=True, text=True)
-        if result.returncode:
-            sys.exit(result.stderr)
-        records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-    steps = [r for r in records if "data_wait" in r][1:]  # the first interval warms up
-    share = np.array([r["data_wait"] for r in steps])
-    ms = np.array([r["ms_per_step"] for r in steps])
-    print(f"data_wait: {len(steps) * 5} steps of 8,192 tokens, {np.median(ms):.0f} ms a step (median); waiting for batches "
-          f"{100 * np.median(share):.2f}% of it (median), {100 * share.max():.2f}% at most")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds} must be at least 1")
+    if max_iters < 10:
+        raise ValueError(f"max_iters={max_iters} must be at least 10: two log lines of 5 steps, the first left out")
+
+    def run(synthetic):
+        with tempfile.TemporaryDirectory() as out_dir:
+            result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), os.path.join(REPO, "configs", f"{config}.py"),
+                                     "--dataset=sample", f"--out_dir={out_dir}", f"--max_iters={max_iters}", "--tokens_per_step=8192",
+                                     "--batch_size=8", f"--eval_interval={max_iters}", "--eval_seqs=8", "--log_interval=5",
+                                     "--sample_tokens=0", "--compile=False", f"--device={device}", f"--synthetic_data={synthetic}"],
+                                    capture_output=True, text=True)
+            if result.returncode:
+                sys.exit(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"train.py exited with {result.returncode}")
+            records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+        steps = [r for r in records if "data_wait" in r][1:]  # the first interval warms up
+        return np.median([r["ms_per_step"] for r in steps]), np.median([r["data_wait"] for r in steps])
+
+    print(f"data_wait: {config}, {max_iters} steps of 8,192 tokens a run on {device}, medians of steps 6-{max_iters}")
+    print("| round | real bins | synthetic tokens | real / synthetic | waiting for batches (real bins) |")
+    print("|---|---|---|---|---|")
+    ratios = []
+    for i in range(rounds):  # in turns, each round's first run alternating, so a machine's drift falls on both
+        results = {synthetic: run(synthetic) for synthetic in ((False, True) if i % 2 == 0 else (True, False))}
+        (real, wait), (synthetic, _) = results[False], results[True]
+        ratios.append(real / synthetic)
+        print(f"| {i + 1} | {real:.0f} ms | {synthetic:.0f} ms | {real / synthetic:.3f}x | {100 * wait:.2f}% |")
+    print(f"real bins: {statistics.median(ratios):.3f}x the synthetic step (median of {rounds} rounds, "
+          f"{min(ratios):.3f}x-{max(ratios):.3f}x)")
 
 
 def kv_cache(n_tokens=256):
@@ -462,6 +481,8 @@ GPU_RUNS = [
     ("5m d_mlp x64", "5m", 64, ["--d_mlp_multiple=64"]),
     ("5m muon", "5m", 64, ["--optimizer=muon"]),
     ("1.25m recipe", "1.25m", 64, []),
+    ("1.25m synthetic data", "1.25m", 64, ["--synthetic_data=True"]),  # the recipe's step when data costs nothing
+    ("5m synthetic data", "5m", 64, ["--synthetic_data=True"]),
 ]
 
 PYTHON = [sys.executable]  # how gpu() starts a script (the tests start it on a fake GPU)

@@ -59,6 +59,7 @@ out_dir = "out/run"  # ckpt.pt and log.jsonl go here
 init_from = "scratch"  # 'scratch', or 'resume' from out_dir/ckpt.pt with the settings saved there
 overwrite = False  # let a scratch run replace the checkpoint already in out_dir
 windows = "random"  # training windows: 'random' (start anywhere, cross stories) or 'story' (start at a BOS, whole stories packed)
+synthetic_data = False  # train on one micro-batch of random tokens made on the device, never reading train.bin: the baseline bench.py compares real bins with
 keep_checkpoints = ""  # model snapshots in out_dir/checkpoints: 'log' (steps 0, 1, 2, 4, 8, ... and each evaluation), 'linear:N'
 # model (GPTConfig)
 n_layers = 6  # transformer blocks
@@ -310,6 +311,10 @@ def get_batch(step, micro_step):
 def train_batches(first_step):
     """The micro-batches (inputs, targets, weight: get_batch) from first_step on, in training order, on the device. Each is read from the bins (and
     pinned) in a background thread while the model trains on the one before: the device does not wait for the disk."""
+    if synthetic_data:  # what a step costs when the data costs nothing
+        rows = torch.randint(d_vocab, (batch_size, n_ctx + 1), device=device)
+        while True:
+            yield rows[:, :-1], rows[:, 1:], 1 / grad_accum
     order = ((step, micro_step) for step in range(first_step, max_iters) for micro_step in range(grad_accum))
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(get_batch, *next(order))

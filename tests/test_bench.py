@@ -88,6 +88,16 @@ def test_profile_on_a_gpu_reports_mfu():
     assert re.search(r"profile 1.25m cuda, bf16, batch 1 x 512: .* tokens/s, MFU \d+\.\d%", result.stdout), result.stdout
 
 
+def test_data_wait_compares_the_bins_with_synthetic_tokens(workdir, monkeypatch, capsys):
+    monkeypatch.chdir(workdir)
+    bench.data_wait(max_iters=10, rounds=1)
+    lines = capsys.readouterr().out.splitlines()
+    _, real, synthetic, ratio, wait = lines[3].strip("| ").split(" | ")
+    real, synthetic = float(real.removesuffix(" ms")), float(synthetic.removesuffix(" ms"))
+    assert real > 0 and synthetic > 0 and abs(float(ratio.removesuffix("x")) - real / synthetic) < 0.01  # of the ms as printed
+    assert 0 <= float(wait.rstrip("%")) < 100 and lines[4].startswith(f"real bins: {ratio} the synthetic step (median of 1 rounds")
+
+
 def test_an_unknown_argument_is_refused_in_one_line():
     result = subprocess.run([sys.executable, f"{REPO}/bench.py", "gpu", "foo=1"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -103,6 +113,9 @@ def test_an_unknown_argument_is_refused_in_one_line():
     result = subprocess.run([sys.executable, f"{REPO}/bench.py", "sampling", "rounds=0"], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.strip() == "bench.py sampling: rounds=0 must be at least 1"
+    result = subprocess.run([sys.executable, f"{REPO}/bench.py", "data_wait", "max_iters=5"], capture_output=True,
+                            text=True, timeout=60)  # refused before train.py runs: its first log line is left out
+    assert result.returncode == 1 and result.stderr.strip().startswith("bench.py data_wait: max_iters=5 must be at least 10")
     for argv, start in ((["nosuch"], "bench.py: no benchmark 'nosuch'; usage: python bench.py {generate|"),
                         (["kv_cache", "n_tokens"], "bench.py kv_cache: 'n_tokens' is not argument=value; usage: ")):
         result = subprocess.run([sys.executable, f"{REPO}/bench.py", *argv], capture_output=True, text=True, timeout=60)
