@@ -177,7 +177,8 @@ def data_wait(config="1.25m", max_iters=40, rounds=3, device="cpu"):
                                      "--sample_tokens=0", "--compile=False", f"--device={device}", f"--synthetic_data={synthetic}"],
                                     capture_output=True, text=True)
             if result.returncode:
-                sys.exit(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"train.py exited with {result.returncode}")
+                why = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit status {result.returncode}"
+                sys.exit(f"bench.py data_wait: train.py failed: {why}")
             records = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
         steps = [r for r in records if "data_wait" in r][1:]  # the first interval warms up
         return np.median([r["ms_per_step"] for r in steps]), np.median([r["data_wait"] for r in steps])
