@@ -94,8 +94,8 @@ def train_step(compile=None, rounds=5):
     LlamaForCausalLM (SDPA attention) of the same shape, timed in turns in one process so that drift hits both: in
     each of `rounds` rounds every step's median of three; the best round of each, and the range of the ratio over the
     rounds (how far this machine's noise moves it). Pairings: ours as train.py runs it here (compiled, in bfloat16
-    autocast where dtype='auto' picks it: a CPU with AMX) against transformers as its users run it (eager, float32);
-    both eager in float32; both compiled in float32; and, on a CPU with AMX, both eager in bfloat16 autocast (without
+    autocast where dtype='auto' picks it: a CPU with AMX or AVX512_BF16) against transformers as its users run it (eager,
+    float32); both eager in float32; both compiled in float32; and, on such a CPU, both eager in bfloat16 autocast (without
     bf16 units it is 10x slower than float32 and train.py never runs it). compile=True or False: only the float32
     pair, both compiled or both eager."""
     if rounds < 1:

@@ -461,8 +461,8 @@ class Muon(torch.optim.Optimizer):
     lr * 0.2 * sqrt(max(rows, cols)), the size of AdamW's (torch's adjust_lr_fn="match_rms_adamw"). torch runs the
     iterations matrix by matrix, 15 matmuls each, 630 a step for the 5M's 42 matrices (on an H100 its step was
     2.7x AdamW's); here each shape's matrices go through one batched matmul per product, 60 a step. ns_dtype: the
-    dtype of the iterations, torch's bfloat16, or float32 where bfloat16 matmuls are slow (a CPU without AMX). The
-    state_dict is torch.optim.Muon's: a checkpoint saved with it goes on here."""
+    dtype of the iterations, torch's bfloat16, or float32 where bfloat16 matmuls are slow (a CPU without AMX or
+    AVX512_BF16). The state_dict is torch.optim.Muon's: a checkpoint saved with it goes on here."""
 
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, ns_dtype=torch.bfloat16):
         super().__init__(params, {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "nesterov": True,

@@ -100,7 +100,7 @@ wandb_project = "simplestories"  # Weights & Biases project
 wandb_run_name = ""  # Weights & Biases run name; "": out_dir's name
 # system
 device = "auto"  # 'auto' (cuda if there is one), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = "auto"  # 'auto' (bfloat16 autocast on a GPU that has it or a CPU with AMX, else float32), 'float32', 'bfloat16'
+dtype = "auto"  # 'auto' (bfloat16 autocast on a GPU that has it or a CPU with AMX or AVX512_BF16, else float32), 'float32', 'bfloat16'
 compile = True  # torch.compile the model
 compile_mode = "auto"  # torch.compile's mode: 'auto' ('reduce-overhead' where CUDA graphs can run, else 'default'); 'default'; 'reduce-overhead' (CUDA graphs: one GPU, one micro-step); 'max-autotune-no-cudagraphs' (the fastest of several kernels per matmul, a longer compile); 'max-autotune' (both)
 peak_flops = 0.0  # per-device peak FLOP/s for MFU; 0: look the GPU up in configurator.PEAK_FLOPS

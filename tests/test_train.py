@@ -84,7 +84,7 @@ def test_resume_refuses_settings_that_change_the_batches(workdir):
 def test_torchrun_two_processes_match_one(workdir, windows):
     # one micro-step of 8 against two ranks of two micro-steps of 2 (only the last one all-reduces), and 3 val windows:
     # one rank gets fewer; story windows: the micro-batches hold different numbers of scored targets
-    # float32: bf16 autocast (dtype 'auto' on a CPU with AMX) rounds the two ways apart by more than the tolerances
+    # float32: bf16 autocast (dtype 'auto' on a CPU with bf16 instructions) rounds the two ways apart by more than the tolerances
     args = ["--max_iters=10", "--eval_interval=10", "--eval_seqs=3", "--dtype=float32", f"--windows={windows}"]
     train(workdir, *args, f"--out_dir=out/single_{windows}")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -449,11 +449,15 @@ def test_cpu_checkpoint_resumes_on_a_gpu_and_samples_there(workdir):
 
 
 def test_auto_dtype_is_bf16_where_it_is_fast(monkeypatch):
-    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert configurator.bf16_is_fast("cpu")
+    for amx, avx512_bf16 in [(True, False), (False, True), (True, True)]:  # Sapphire Rapids, Zen 4, both
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+        assert configurator.bf16_is_fast("cpu")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)  # bf16 emulated: 10x slower
     assert not configurator.bf16_is_fast("cpu") and not configurator.bf16_is_fast("mps")
-    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the check: float32
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the checks: float32
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
     assert not configurator.bf16_is_fast("cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: not including_emulation)
     assert configurator.bf16_is_fast("cuda")  # native bf16 only, not emulated
