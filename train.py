@@ -129,7 +129,7 @@ CHECKS = [  # the range of each setting, checked once the command line and a res
      "'' (none), 'log' or 'linear:N' with N at least 1"),
 ]
 # settings a resumed run must keep: those that decide which batches a step sees, and the model's shape
-FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "windows", "n_layers", "d_model", "n_heads", "n_kv_heads",
+FIXED_ON_RESUME = ("dataset", "seed", "tokens_per_step", "n_ctx", "windows", "synthetic_data", "n_layers", "d_model", "n_heads", "n_kv_heads",
                    "d_mlp", "d_mlp_multiple", "d_vocab", "rope_base", "norm_eps", "norm")
 
 given = configurator.parse(sys.argv[1:], DEFAULTS, __doc__, __file__)  # config files and flags alike

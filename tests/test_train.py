@@ -76,6 +76,9 @@ def test_resume_refuses_settings_that_change_the_batches(workdir):
     assert "seed (1337 -> 7)" in line
     line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/straight", "--max_iters=30", "--n_layers=3", cwd=workdir))
     assert "n_layers (2 -> 3)" in line
+    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/straight", "--max_iters=30", "--synthetic_data=True",
+                              cwd=workdir))
+    assert "synthetic_data (False -> True)" in line  # random tokens instead of the bins
     line = one_error_line(run("train.py", *TINY, "--out_dir=out/straight", cwd=workdir))
     assert "--init_from=resume" in line and "--overwrite=True" in line
 
