@@ -72,14 +72,15 @@ def test_resume_gives_identical_weights(workdir):
 
 
 def test_resume_refuses_settings_that_change_the_batches(workdir):
-    line = one_error_line(run("train.py", *TINY, "--init_from=resume", "--out_dir=out/straight", "--max_iters=30", "--seed=7", cwd=workdir))
+    train(workdir, "--max_iters=2", "--eval_interval=2", "--out_dir=out/refusing")
+    line = one_error_line(run("train.py", *TINY, "--init_from=resume", "--out_dir=out/refusing", "--max_iters=30", "--seed=7", cwd=workdir))
     assert "seed (1337 -> 7)" in line
-    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/straight", "--max_iters=30", "--n_layers=3", cwd=workdir))
+    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/refusing", "--max_iters=30", "--n_layers=3", cwd=workdir))
     assert "n_layers (2 -> 3)" in line
-    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/straight", "--max_iters=30", "--synthetic_data=True",
+    line = one_error_line(run("train.py", "--init_from=resume", "--out_dir=out/refusing", "--max_iters=30", "--synthetic_data=True",
                               cwd=workdir))
     assert "synthetic_data (False -> True)" in line  # random tokens instead of the bins
-    line = one_error_line(run("train.py", *TINY, "--out_dir=out/straight", cwd=workdir))
+    line = one_error_line(run("train.py", *TINY, "--out_dir=out/refusing", cwd=workdir))
     assert "--init_from=resume" in line and "--overwrite=True" in line
 
 
