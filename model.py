@@ -111,6 +111,32 @@ def make_norm(config):
     return RMSNorm(config.d_model, config.norm_eps) if config.norm == "rms" else FixedNorm(config.d_model, INIT_SCALE)
 
 
+class Linear(nn.Linear):
+    """nn.Linear without a bias. Inside torch.compile on a CPU, a product of at most FEW_ROWS rows (the decode step of
+    up to FEW_ROWS stories) is a multiply-and-sum, which inductor fuses into one pass over the weight: MKL's
+    matrix-vector product read weights that were no longer in cache at 9 GB/s on an AMD EPYC (Zen 4), the fused
+    reduction at 50-75 GB/s, and the 5M model's compiled decode step at batch 1 ran 3.3x as fast (BENCHMARKS.md).
+    Elsewhere (eager, a GPU, training, more rows) it is F.linear."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__(d_in, d_out, bias=False)
+
+    def forward(self, x):
+        few_rows = x.numel() <= FEW_ROWS * x.size(-1)
+        if few_rows and compiled_on_cpu(x) and x.dtype == self.weight.dtype and not torch.is_grad_enabled():
+            return (x.unsqueeze(-2) * self.weight).sum(-1)
+        return F.linear(x, self.weight)
+
+
+def compiled_on_cpu(x):
+    """Whether x is on a CPU inside torch.compile, where a multiply-and-sum becomes one fused reduction instead of a
+    temporary as large as the weight or cache it reads."""
+    return torch.compiler.is_compiling() and x.device.type == "cpu"
+
+
+FEW_ROWS = 8  # measured on the Zen 4 CPU, the 5M's 43 products of a step: 4.8x as fast at 1 row, 2.0x at 8, 1.26x at 16, 0.93x at 32
+
+
 class KVCache:
     """Keys and values of every layer for all n_ctx positions, allocated once and written in place, so that a
     decode step has the same shapes at every position (what torch.compile and CUDA graphs need). pos: a
@@ -134,15 +160,19 @@ class KVCache:
 
 def decode_attention(q, k, v, mask):
     """Attention of one query position, q (B, n_heads, 1, head_dim), over the cache's k, v (B, n_kv_heads, L,
-    head_dim) where mask (1, L) is True: what scaled_dot_product_attention computes, as two matmuls and a softmax
+    head_dim) where mask (1, L) is True: what scaled_dot_product_attention computes, as two products and a softmax
     with each group of query heads reading its key/value head in place. For a single query SDPA's CPU flash kernel
-    spends most of its time on set-up: this took a compiled batch-32 decode step of the 5M model on a CPU from 4.5 to 4.0 ms."""
+    spends most of its time on set-up: this took a compiled batch-32 decode step of the 5M model on a CPU from 4.5 to
+    4.0 ms. Compiled on a CPU the products are multiplies-and-sums, which inductor fuses into reductions over the
+    cache, 1.3x as fast as the batched matmuls at batch 32 on a Zen 4 CPU (BENCHMARKS.md)."""
     B, n_heads, _, head_dim = q.shape
     n_kv_heads = k.size(1)
-    q = q.view(B, n_kv_heads, n_heads // n_kv_heads, head_dim)
-    scores = (q @ k.transpose(-1, -2)) * head_dim ** -0.5  # (B, n_kv_heads, group, L)
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
-    return (weights @ v).view(B, n_heads, 1, head_dim)
+    q = q.view(B, n_kv_heads, n_heads // n_kv_heads, 1, head_dim)
+    fused = compiled_on_cpu(q)
+    scores = (q * k.unsqueeze(2)).sum(-1) if fused else (q.squeeze(3) @ k.transpose(-1, -2))  # (B, n_kv_heads, group, L)
+    weights = (scores * head_dim ** -0.5).masked_fill(~mask, float("-inf")).softmax(dim=-1, dtype=torch.float32).to(v.dtype)
+    y = (weights.unsqueeze(-1) * v.unsqueeze(2)).sum(-2) if fused else weights @ v
+    return y.view(B, n_heads, 1, head_dim)
 
 
 class Attention(nn.Module):
@@ -150,10 +180,10 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.q_proj = nn.Linear(config.d_model, config.n_heads * config.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.d_model, config.n_kv_heads * config.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+        self.q_proj = Linear(config.d_model, config.n_heads * config.head_dim)
+        self.k_proj = Linear(config.d_model, config.n_kv_heads * config.head_dim)
+        self.v_proj = Linear(config.d_model, config.n_kv_heads * config.head_dim)
+        self.o_proj = Linear(config.n_heads * config.head_dim, config.d_model)
 
     def forward(self, x, cos, sin, cache=None, positions=None, mask=None):
         B, T, _ = x.shape
@@ -188,9 +218,9 @@ def sdpa_reads_gqa(q):
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.d_model, config.d_mlp, bias=False)
-        self.up_proj = nn.Linear(config.d_model, config.d_mlp, bias=False)
-        self.down_proj = nn.Linear(config.d_mlp, config.d_model, bias=False)
+        self.gate_proj = Linear(config.d_model, config.d_mlp)
+        self.up_proj = Linear(config.d_model, config.d_mlp)
+        self.down_proj = Linear(config.d_mlp, config.d_model)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -253,7 +283,7 @@ class GPT(nn.Module):
         self.embed = nn.Embedding(config.d_vocab, config.d_model)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = make_norm(config)
-        self.lm_head = nn.Linear(config.d_model, config.d_vocab, bias=False)
+        self.lm_head = Linear(config.d_model, config.d_vocab)
         self.lm_head.weight = self.embed.weight  # tied: one matrix, counted once
         cos, sin = rope_cos_sin(config.n_ctx, config.head_dim, config.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)

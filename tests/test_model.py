@@ -170,6 +170,30 @@ def test_compiled_generation_equals_eager():
     assert "_static_caches" not in str(model.state_dict().keys())
 
 
+@pytest.mark.slow
+def test_compiled_decode_step_on_cpu_fuses_its_products():
+    # compiled on a CPU, a decode step of up to FEW_ROWS rows makes no matmul: its linears and attention are
+    # inductor's fused reductions; with more rows the linears stay matmuls. The logits are eager decode_step's.
+    from torch.profiler import profile
+
+    from model import FEW_ROWS, KVCache
+
+    model = small_model(seed=7, n_layers=1)
+    step = model._compiled_decode_step(torch.device("cpu"))
+    with torch.inference_mode():
+        for rows, matmuls in ((FEW_ROWS, set()), (2 * FEW_ROWS, {"aten::mm"})):
+            token = torch.randint(0, 97, (rows, 1), generator=torch.Generator().manual_seed(rows))
+            compiled_cache, eager_cache = model._static_cache(rows, torch.float32, token.device), KVCache(model.config, rows, torch.float32, token.device)
+            compiled_cache.length = eager_cache.length = 16
+            step(token, compiled_cache)  # compiles
+            compiled_cache.pos.zero_()
+            with profile() as prof:
+                logits = step(token, compiled_cache)
+            called = {event.key for event in prof.key_averages()} & {"aten::mm", "aten::bmm", "aten::addmm", "aten::matmul"}
+            assert called == matmuls, (rows, called)
+            torch.testing.assert_close(logits, model.decode_step(token, eager_cache), rtol=1e-5, atol=1e-5)
+
+
 def test_top_k_and_top_p_filter():
     from model import sample_next
 
