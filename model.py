@@ -115,7 +115,7 @@ class Linear(nn.Linear):
     """nn.Linear without a bias. Inside torch.compile on a CPU, a product of at most FEW_ROWS rows (the decode step of
     up to FEW_ROWS stories) is a multiply-and-sum, which inductor fuses into one pass over the weight: MKL's
     matrix-vector product read weights that were no longer in cache at 9 GB/s on an AMD EPYC (Zen 4), the fused
-    reduction at 50-75 GB/s, and the 5M model's compiled decode step at batch 1 ran 3.3x as fast (BENCHMARKS.md).
+    reductions at 36 GB/s, and the 5M model's compiled decoding at batch 1 ran 3.3-4.3x as fast (BENCHMARKS.md).
     Elsewhere (eager, a GPU, training, more rows) it is F.linear."""
 
     def __init__(self, d_in, d_out):
